@@ -1,0 +1,177 @@
+"""The user's bottle.toml, validated with pydantic; `load_manifest` turns every problem into one sentence."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bottle.errors import ManifestError
+
+SLUG_MAX = 40
+
+# Set by bottle itself in the agent's environment; a manifest may not override them.
+RESERVED_ENV = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "NODE_EXTRA_CA_CERTS"})
+# Names and values that look like credentials: those belong to the bundle, never to the VM.
+CREDENTIAL_NAME_PATTERNS = (
+    "*_API_KEY", "API_KEY", "*_TOKEN", "TOKEN", "*SECRET*", "*PASSWORD*", "*PASSWD*",
+    "*CREDENTIAL*", "*PRIVATE_KEY*", "*ACCESS_KEY*",
+)  # fmt: skip
+CREDENTIAL_VALUE_PREFIXES = (
+    "sk-", "ghp_", "gho_", "ghu_", "ghs_", "github_pat_", "glpat-", "xoxb-", "xoxp-", "AKIA", "-----BEGIN",
+)  # fmt: skip
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_RULE = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::(?P<port>[0-9]{{1,5}}))?")
+
+
+def slugify(name: str) -> str:
+    """Derive the bottle's slug: lowercase `[a-z0-9-]`, at most SLUG_MAX characters, stable for a name.
+
+    The slug names the docker network and container, the smolvm machine and the state directory, so it
+    must be safe in all of them. A name that has to be cut keeps a hash of the whole name, so two long
+    names that share a prefix still get different slugs.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not slug:
+        raise ValueError("must contain at least one ASCII letter or digit")
+    if len(slug) > SLUG_MAX:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        slug = f"{slug[: SLUG_MAX - 9].rstrip('-')}-{digest}"
+    return slug
+
+
+def _check_name(name: str) -> str:
+    if not name.strip() or len(name) > 200 or not name.isprintable():
+        raise ValueError("must be 1 to 200 printable characters")
+    slugify(name)
+    return name
+
+
+def _check_image(image: str) -> str:
+    if not _IMAGE.fullmatch(image):
+        raise ValueError("must be an image reference such as 'debian:bookworm' (no spaces)")
+    return image
+
+
+def _check_host_rule(rule: str) -> str:
+    rule = rule.lower()
+    match = _HOST_RULE.fullmatch(rule)
+    if not match:
+        raise ValueError(f"'{rule}' must be a host name, '*.suffix' wildcard, each with an optional ':port'")
+    if match["port"] and not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"'{rule}' has a port outside 1-65535")
+    return rule
+
+
+def _is_credential_like(key: str, value: str) -> bool:
+    upper = key.upper()
+    return any(fnmatch.fnmatchcase(upper, p) for p in CREDENTIAL_NAME_PATTERNS) or value.startswith(
+        CREDENTIAL_VALUE_PREFIXES
+    )
+
+
+Image = Annotated[str, AfterValidator(_check_image)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class AgentConfig(_Strict):
+    """`[agent]`: what runs inside the VM."""
+
+    image: Image
+    command: list[str] = Field(default_factory=lambda: ["/bin/sh"], min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"'{key}' is not a valid variable name (letters, digits, '_')")
+            if key.upper() in RESERVED_ENV or key.upper().startswith("BOTTLE_"):
+                raise ValueError(f"'{key}' is set by bottle itself and cannot be overridden")
+            if "\0" in value:
+                raise ValueError(f"'{key}' contains a NUL character, which no environment can hold")
+            if _is_credential_like(key, value):
+                raise ValueError(
+                    f"'{key}' looks like a credential; secrets never enter the VM, give them to the bundle"
+                )
+        return dict(sorted(env.items()))
+
+
+class EgressConfig(_Strict):
+    """`[egress]`: the hosts the bundle's proxy lets the agent reach."""
+
+    allow: list[Annotated[str, AfterValidator(_check_host_rule)]] = Field(default_factory=list)
+
+
+class BundleConfig(_Strict):
+    """`[bundle]`: the sidecar container that runs the egress proxy."""
+
+    image: Image = "bottle-bundle:latest"
+
+
+class Manifest(_Strict):
+    """A whole bottle.toml."""
+
+    name: Annotated[str, AfterValidator(_check_name)]
+    backend: str = "smolmachines"
+    agent: AgentConfig
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+    bundle: BundleConfig = Field(default_factory=BundleConfig)
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Manifest
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; allowed here: {', '.join(_allowed_keys(loc))}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message[0].lower()}{message[1:]}"
+
+
+def parse_manifest(data: dict[str, Any], source: str = "bottle.toml") -> Manifest:
+    """Validate already-parsed TOML data; `source` names the file in every error."""
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError("\n".join(f"{source}: {_describe(e)}" for e in exc.errors())) from None
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a bottle.toml."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file; pass -f PATH or start from examples/claude-code.toml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    return parse_manifest(data, str(path))
