@@ -1,0 +1,97 @@
+"""The Backend interface: what bottle asks of every way of running a bottle.
+
+A backend is found through the entry-point group `bottle.backends` (see bottle.registry); its entry
+point names a `Backend` subclass whose `name` equals the entry point's name. bottle instantiates it with
+no arguments, so anything machine-specific is read from the environment in `__init__`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from bottle.plan import BottlePlan
+
+if TYPE_CHECKING:
+    import docker
+
+    from bottle.manifest import Manifest
+    from bottle.state import StateStore
+
+
+LABEL_MANAGED = "bottle.managed"
+LABEL_SLUG = "bottle.slug"
+LABEL_BACKEND = "bottle.backend"
+
+
+def labels(slug: str, backend: str) -> dict[str, str]:
+    """The labels on every docker resource a bottle owns: how `ls`, `down` and `gc` find it again."""
+    return {LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_BACKEND: backend}
+
+
+class Check(BaseModel):
+    """One thing preflight looked at: what it is, whether it is fine, what was seen, how to fix it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+class PreflightReport(BaseModel):
+    """Every check a backend made, plus facts it learned that its plan records (e.g. a tool's version)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: str
+    checks: list[Check]
+    facts: dict[str, str] = {}
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" + (f" ({c.fix})" if c.fix else "") for c in self.checks if not c.ok]
+
+
+class Backend(ABC):
+    """A way to run a bottle: an agent VM whose only reachable address is its bundle."""
+
+    #: The name users write as `backend = "..."`; equal to the entry point's name.
+    name: ClassVar[str]
+    #: The pydantic model of this backend's plans; `bottle` reads plans from disk with it.
+    plan_type: ClassVar[type[BottlePlan]]
+
+    @abstractmethod
+    def preflight(self, *, docker: docker.DockerClient | None) -> PreflightReport:
+        """Check that this machine can run the backend's bottles; report every problem, never raise.
+
+        `docker` is None when no Docker Engine could be reached. No side effects: only look.
+        """
+
+    @abstractmethod
+    def plan(
+        self, manifest: Manifest, *, docker: docker.DockerClient, state: StateStore, preflight: PreflightReport
+    ) -> BottlePlan:
+        """Return the plan `prepare` would make now, without creating or writing anything.
+
+        May read the Docker Engine's state (list networks); must not change it or write to disk.
+        """
+
+    @abstractmethod
+    def prepare(
+        self, manifest: Manifest, *, docker: docker.DockerClient, state: StateStore, preflight: PreflightReport
+    ) -> BottlePlan:
+        """Create what the bottle needs before launch and return its plan (the caller saves it).
+
+        Allowed side effects: docker resources labelled with `labels(slug, name)`, and files inside
+        `state.bottle_dir(slug)`, written 0600 from their first byte (`bottle.state.write_private`).
+        Running it twice is a no-op the second time and returns an equal plan. If it fails, it removes
+        whatever it created in that call, then raises a `bottle.errors.BottleError`.
+        """
