@@ -1,0 +1,163 @@
+"""The prepare step: pick the bottle's addresses, create its docker network, write its Smolfile."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
+
+import docker
+from docker.models.networks import Network
+from docker.types import IPAMConfig, IPAMPool
+
+from bottle.backend import LABEL_BACKEND, LABEL_SLUG, labels
+from bottle.backends.smolmachines import smolfile
+from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
+from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
+from bottle.errors import DockerProblem, UsageError
+from bottle.manifest import Manifest
+from bottle.state import StateStore, make_private_dir
+
+BACKEND = "smolmachines"
+SMOLFILE = "Smolfile"
+GUEST_CA_PATH = "/etc/bottle/ca.pem"  # where the bundle's CA certificate sits inside the VM
+NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays inside the VM; everything else goes to the bundle
+CREATE_ATTEMPTS = 5
+
+
+def resource_name(slug: str) -> str:
+    """The name of the bottle's docker network and smolvm machine."""
+    return f"bottle-{slug}"
+
+
+def agent_env(env: Mapping[str, str], bundle_ip: IPv4Address) -> dict[str, str]:
+    """The VM's environment: the manifest's env plus the proxy settings, IP literals only (no DNS in the VM)."""
+    proxy = f"http://{bundle_ip}:8888"
+    ours = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "NO_PROXY": NO_PROXY}
+    merged = dict(env) | ours | {k.lower(): v for k, v in ours.items()} | {"NODE_EXTRA_CA_CERTS": GUEST_CA_PATH}
+    return dict(sorted(merged.items()))
+
+
+def survey(client: docker.DockerClient, slug: str) -> tuple[Network | None, list[IPv4Network]]:
+    """Find this bottle's own network (by label) and the subnets every other network holds."""
+    own: Network | None = None
+    taken: list[IPv4Network] = []
+    name = resource_name(slug)
+    for network in client.networks.list():
+        attrs_labels = network.attrs.get("Labels") or {}
+        if attrs_labels.get(LABEL_SLUG) == slug and attrs_labels.get(LABEL_BACKEND) == BACKEND:
+            if own is not None:
+                raise DockerProblem(
+                    f"docker networks {own.name} and {network.name} both claim bottle '{slug}'; "
+                    f"remove the stray one with `docker network rm`"
+                )
+            own = network
+        elif network.name == name:
+            raise UsageError(
+                f"a docker network named '{name}' exists but bottle did not create it; "
+                f"remove it (`docker network rm {name}`) or rename the bottle"
+            )
+        else:
+            taken.extend(ipv4_subnets(network.attrs))
+    return own, taken
+
+
+def adopted_addresses(network: Network) -> Addresses:
+    subnets = ipv4_subnets(network.attrs)
+    if len(subnets) != 1 or subnets[0].prefixlen != 24:
+        raise DockerProblem(
+            f"docker network {network.name} is labelled as a bottle's but has no single IPv4 /24; "
+            f"remove it with `docker network rm {network.name}` and run prepare again"
+        )
+    return Addresses.of(subnets[0])
+
+
+def build_plan(
+    manifest: Manifest, addresses: Addresses, network_id: str | None, state: StateStore, smolvm_version: str | None
+) -> SmolmachinesBottlePlan:
+    """Assemble the plan from decisions already made; pure."""
+    slug = manifest.slug
+    image_key = hashlib.sha256(manifest.agent.image.encode()).hexdigest()[:16]
+    return SmolmachinesBottlePlan(
+        name=manifest.name,
+        slug=slug,
+        network_name=resource_name(slug),
+        network_id=network_id,
+        bundle_subnet=addresses.subnet,
+        bundle_gateway=addresses.gateway,
+        bundle_ip=addresses.bundle_ip,
+        bundle_container_name=f"{resource_name(slug)}-bundle",
+        bundle_image=manifest.bundle.image,
+        smolfile_path=state.bottle_dir(slug) / SMOLFILE,
+        artifact_path=state.cache_dir() / "artifacts" / f"{image_key}.smolmachine",
+        machine_name=resource_name(slug),
+        agent_image=manifest.agent.image,
+        agent_command=manifest.agent.command,
+        agent_env=agent_env(manifest.agent.env, addresses.bundle_ip),
+        smolvm_version=smolvm_version,
+    )
+
+
+def plan(
+    manifest: Manifest,
+    client: docker.DockerClient,
+    state: StateStore,
+    *,
+    pool: IPv4Network,
+    routes: list[IPv4Network],
+    smolvm_version: str | None,
+) -> SmolmachinesBottlePlan:
+    """The plan `prepare` would make now; only lists docker networks."""
+    own, taken = survey(client, manifest.slug)
+    if own is not None:
+        return build_plan(manifest, adopted_addresses(own), own.id, state, smolvm_version)
+    addresses = Addresses.of(derive_subnet(manifest.slug, pool, taken + routes))
+    return build_plan(manifest, addresses, None, state, smolvm_version)
+
+
+def _create_network(
+    client: docker.DockerClient, slug: str, pool: IPv4Network, routes: list[IPv4Network]
+) -> tuple[Network, bool]:
+    """Adopt the bottle's network or create it; return it and whether this call created it."""
+    for _ in range(CREATE_ATTEMPTS):
+        own, taken = survey(client, slug)
+        if own is not None:
+            return own, False
+        addresses = Addresses.of(derive_subnet(slug, pool, taken + routes))
+        ipam = IPAMConfig(pool_configs=[IPAMPool(subnet=str(addresses.subnet), gateway=str(addresses.gateway))])
+        try:
+            network = client.networks.create(
+                resource_name(slug), driver="bridge", ipam=ipam, labels=labels(slug, BACKEND), check_duplicate=True
+            )
+            return network, True
+        except docker.errors.APIError as exc:
+            # Another process took the name or the subnet between our look and our create: look again.
+            if exc.status_code == 409 or "overlaps" in (exc.explanation or ""):
+                continue
+            raise DockerProblem(f"docker refused to create network {resource_name(slug)}: {exc.explanation}") from exc
+    raise DockerProblem(
+        f"could not reserve a subnet for bottle '{slug}' after {CREATE_ATTEMPTS} attempts, "
+        "because other networks kept taking them; try again"
+    )
+
+
+def prepare(
+    manifest: Manifest,
+    client: docker.DockerClient,
+    state: StateStore,
+    *,
+    pool: IPv4Network,
+    routes: list[IPv4Network],
+    smolvm_version: str | None,
+) -> SmolmachinesBottlePlan:
+    """Create the bottle's network (or adopt it), write its Smolfile, and return its plan."""
+    network, created = _create_network(client, manifest.slug, pool, routes)
+    try:
+        result = build_plan(manifest, adopted_addresses(network), network.id, state, smolvm_version)
+        make_private_dir(state.bottle_dir(manifest.slug))
+        smolfile.write(result.smolfile_path, smolfile.build(result.agent_env, result.bundle_ip))
+    except BaseException:
+        if created:
+            network.remove()
+        raise
+    return result
