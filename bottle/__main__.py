@@ -1,0 +1,5 @@
+import sys
+
+from bottle.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""The `bottle` command: the composition root, and the only place that builds real clients."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+import docker
+
+from bottle import registry
+from bottle.backend import Backend, PreflightReport
+from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed
+from bottle.manifest import Manifest, load_manifest
+from bottle.plan import BottlePlan
+from bottle.state import StateStore
+
+manifest_option = click.option(
+    "-f", "--file", "manifest_path", type=click.Path(path_type=Path), default=Path("bottle.toml"),
+    show_default=True, help="The bottle's manifest.",
+)  # fmt: skip
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def docker_client() -> docker.DockerClient:
+    """Connect to the Docker Engine named by the environment (DOCKER_HOST, or the local socket)."""
+    try:
+        return docker.from_env()
+    except docker.errors.DockerException as exc:
+        raise EnvironmentProblem(
+            f"no Docker Engine is reachable ({exc}); start it, or point DOCKER_HOST at it"
+        ) from None
+
+
+def _backend_for(manifest: Manifest) -> Backend:
+    return registry.load(manifest.backend)()
+
+
+def _echo_plan(plan: BottlePlan, as_json: bool) -> None:
+    if as_json:
+        click.echo(plan.model_dump_json(indent=2))
+        return
+    data: dict[str, Any] = plan.model_dump(mode="json")
+    width = max(map(len, data))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            click.echo(f"{key:<{width}}")
+            for k, v in value.items():
+                click.echo(f"  {k}={v}")
+        else:
+            shown = "-" if value is None else " ".join(value) if isinstance(value, list) else value
+            click.echo(f"{key:<{width}}  {shown}")
+
+
+def _echo_report(report: PreflightReport) -> None:
+    click.echo(f"{report.backend}:")
+    for check in report.checks:
+        mark = "ok  " if check.ok else "FAIL"
+        click.echo(f"  {mark} {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            click.echo(f"       fix: {check.fix}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="bottle")
+def cli(debug: bool) -> None:
+    """Run an AI coding agent in a microVM whose only way out is an audited egress proxy."""
+
+
+@cli.command()
+@manifest_option
+@json_option
+def plan(manifest_path: Path, as_json: bool) -> None:
+    """Show the plan `prepare` would make, without creating anything."""
+    manifest = load_manifest(manifest_path)
+    backend = _backend_for(manifest)
+    client = docker_client()
+    report = backend.preflight(docker=client)
+    result = backend.plan(manifest, docker=client, state=StateStore(), preflight=report)
+    _echo_plan(result, as_json)
+    if not report.ok:
+        click.echo("note: this machine is not ready to run it yet; `bottle doctor` says why", err=True)
+
+
+@cli.command()
+@manifest_option
+@json_option
+def prepare(manifest_path: Path, as_json: bool) -> None:
+    """Check this machine, create the bottle's network and Smolfile, and save its plan."""
+    manifest = load_manifest(manifest_path)
+    backend = _backend_for(manifest)
+    client = docker_client()
+    report = backend.preflight(docker=client)
+    if not report.ok:
+        raise PreflightFailed(backend.name, report.problems)
+    state = StateStore()
+    result = backend.prepare(manifest, docker=client, state=state, preflight=report)
+    path = state.save_plan(result)
+    _echo_plan(result, as_json)
+    click.echo(f"plan saved to {path}", err=True)
+
+
+@cli.command()
+def backends() -> None:
+    """List the installed backends."""
+    for name, ep in registry.available().items():
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+        click.echo(f"{name}  {ep.value}  ({dist})")
+
+
+@cli.command()
+def doctor() -> None:
+    """Check this machine for every installed backend; exit 1 if anything is missing."""
+    try:
+        client: docker.DockerClient | None = docker_client()
+    except EnvironmentProblem:
+        client = None
+    ready = True
+    for name in registry.available():
+        report = registry.load(name)().preflight(docker=client)
+        _echo_report(report)
+        ready &= report.ok
+    if not ready:
+        raise click.exceptions.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; turn every error into one line on stderr and an exit code (0 ok, 1 environment, 2 input)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        # Without standalone mode click returns the code of `Exit` (e.g. --help, --version, doctor's 1).
+        code = cli.main(args=args, prog_name="bottle", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("bottle: interrupted", err=True)
+        return 130
+    except BottleError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"bottle: {exc}", err=True)
+        return exc.exit_code
+    except docker.errors.DockerException as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"bottle: the Docker Engine failed a request: {exc}", err=True)
+        return 1
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"bottle: internal error: {exc!r} (run with --debug for the traceback)", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
