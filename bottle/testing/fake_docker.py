@@ -163,11 +163,12 @@ class FakeEngine:
             raise EngineError(501, f"the fake Docker Engine only implements the bridge driver, not {driver!r}")
         if body.get("CheckDuplicate") and any(n["Name"] == name for n in self.networks.values()):
             raise EngineError(409, f"network with name {name} already exists")
-        config = [_ipam_entry(c) for c in ((body.get("IPAM") or {}).get("Config") or [])]
+        requested = (body.get("IPAM") or {}).get("Config") or []
+        subnets = [_parse_subnet(c.get("Subnet", "")) for c in requested]
         in_use = [ipaddress.ip_network(c["Subnet"]) for n in self.networks.values() for c in n["IPAM"]["Config"]]
-        for entry in config:
-            if any(ipaddress.ip_network(entry["Subnet"]).overlaps(u) for u in in_use):
-                raise EngineError(403, "Pool overlaps with other one on this address space")
+        if any(s.overlaps(u) for s in subnets for u in in_use):  # dockerd checks this before the gateway
+            raise EngineError(403, "Pool overlaps with other one on this address space")
+        config = [_ipam_entry(s, c.get("Gateway")) for s, c in zip(subnets, requested)]
         if not config:
             free = next((p for p in _DEFAULT_POOLS if not any(p.overlaps(u) for u in in_use)), None)
             if free is None:
@@ -205,16 +206,18 @@ def _labels_match(labels: dict[str, str], wanted: list[str]) -> bool:
     return True
 
 
-def _ipam_entry(config: dict[str, Any]) -> dict[str, str]:
-    subnet_text, gateway_text = config.get("Subnet", ""), config.get("Gateway")
+def _parse_subnet(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        subnet = ipaddress.ip_network(subnet_text)
+        return ipaddress.ip_network(text)
     except ValueError:
-        raise EngineError(500, f"Invalid subnet {subnet_text} : invalid CIDR address: {subnet_text}") from None
-    gateway = ipaddress.ip_address(gateway_text) if gateway_text else subnet.network_address + 1
-    if gateway not in subnet:
+        raise EngineError(500, f"Invalid subnet {text} : invalid CIDR address: {text}") from None
+
+
+def _ipam_entry(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network, gateway: str | None) -> dict[str, str]:
+    if gateway and ipaddress.ip_address(gateway) not in subnet:
         raise EngineError(500, f"failed to allocate gateway ({gateway}): Requested address is out of range")
-    return {"Subnet": str(subnet), "Gateway": str(gateway)}
+    # dockerd records a gateway only when one was asked for (it still assigns .1 on the bridge).
+    return {"Subnet": str(subnet), "Gateway": gateway} if gateway else {"Subnet": str(subnet)}
 
 
 class _EngineAdapter(BaseAdapter):

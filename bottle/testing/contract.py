@@ -1,0 +1,84 @@
+"""A contract test suite every backend can run against itself.
+
+Subclass `BackendContract` in a test module and define two fixtures, `backend` (an instance of your
+backend) and `manifest` (a `bottle.Manifest` naming it); pytest collects the inherited tests:
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture
+        def backend(self):
+            return MyBackend()
+
+        @pytest.fixture
+        def manifest(self):
+            return parse_manifest({"name": "t", "backend": "mine", "agent": {"image": "debian"}})
+"""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from bottle import registry
+from bottle.backend import Backend, PreflightReport, labels
+from bottle.manifest import Manifest
+from bottle.state import StateStore
+from bottle.testing.fake_docker import FakeDocker
+
+
+class BackendContract:
+    """What bottle relies on from every backend."""
+
+    @pytest.fixture
+    def docker(self) -> FakeDocker:
+        return FakeDocker()
+
+    @pytest.fixture
+    def state(self, tmp_path) -> StateStore:
+        return StateStore(tmp_path / "state")
+
+    @pytest.fixture
+    def report(self, backend: Backend, docker: FakeDocker) -> PreflightReport:
+        return backend.preflight(docker=docker)
+
+    def test_is_registered_under_its_name(self, backend: Backend) -> None:
+        assert registry.load(backend.name) is type(backend)
+
+    def test_preflight_reports_instead_of_raising_without_docker(self, backend: Backend) -> None:
+        report = backend.preflight(docker=None)
+        assert report.backend == backend.name
+        assert all(c.ok or c.detail for c in report.checks)
+
+    def test_plan_changes_nothing(self, backend, manifest: Manifest, docker: FakeDocker, state, report) -> None:
+        backend.plan(manifest, docker=docker, state=state, preflight=report)
+        assert [c for c in docker.engine.calls if c.method != "GET"] == []
+        assert not state.root.exists()
+
+    def test_prepare_twice_is_a_no_op_the_second_time(self, backend, manifest, docker, state, report) -> None:
+        first = backend.prepare(manifest, docker=docker, state=state, preflight=report)
+        calls = len(docker.engine.calls)
+        second = backend.prepare(manifest, docker=docker, state=state, preflight=report)
+        assert second == first
+        assert [c for c in docker.engine.calls[calls:] if c.method != "GET"] == []
+
+    def test_plan_after_prepare_is_the_prepared_plan(self, backend, manifest, docker, state, report) -> None:
+        prepared = backend.prepare(manifest, docker=docker, state=state, preflight=report)
+        assert backend.plan(manifest, docker=docker, state=state, preflight=report) == prepared
+
+    def test_plan_round_trips_through_json(self, backend, manifest, docker, state, report) -> None:
+        prepared = backend.prepare(manifest, docker=docker, state=state, preflight=report)
+        assert isinstance(prepared, backend.plan_type)
+        assert backend.plan_type.model_validate_json(prepared.model_dump_json()) == prepared
+
+    def test_prepare_writes_only_private_files_in_the_bottle_dir(self, backend, manifest, docker, state, report):
+        backend.prepare(manifest, docker=docker, state=state, preflight=report)
+        for path in state.root.rglob("*"):
+            assert path.is_relative_to(state.bottle_dir(manifest.slug)) or path.is_dir(), path
+            if path.is_file():
+                assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+    def test_every_created_network_carries_the_bottle_labels(self, backend, manifest, docker, state, report):
+        before = set(docker.engine.networks)
+        backend.prepare(manifest, docker=docker, state=state, preflight=report)
+        for network_id in set(docker.engine.networks) - before:
+            assert labels(manifest.slug, backend.name).items() <= docker.engine.networks[network_id]["Labels"].items()
