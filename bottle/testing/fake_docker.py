@@ -55,6 +55,7 @@ class FakeEngine:
 
     networks: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
+    _subnets: dict[str, list[Any]] = field(default_factory=dict)  # parsed IPAM subnets by network ID
     _failures: list[tuple[str, re.Pattern[str], EngineError]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -123,6 +124,7 @@ class FakeEngine:
             "Labels": labels,
         }
         self.networks[network_id] = attrs
+        self._subnets[network_id] = [ipaddress.ip_network(c["Subnet"]) for c in config]
         return attrs
 
     def find_network(self, ref: str) -> dict[str, Any]:
@@ -165,7 +167,7 @@ class FakeEngine:
             raise EngineError(409, f"network with name {name} already exists")
         requested = (body.get("IPAM") or {}).get("Config") or []
         subnets = [_parse_subnet(c.get("Subnet", "")) for c in requested]
-        in_use = [ipaddress.ip_network(c["Subnet"]) for n in self.networks.values() for c in n["IPAM"]["Config"]]
+        in_use = [u for parsed in self._subnets.values() for u in parsed]
         if any(s.overlaps(u) for s in subnets for u in in_use):  # dockerd checks this before the gateway
             raise EngineError(403, "Pool overlaps with other one on this address space")
         config = [_ipam_entry(s, c.get("Gateway")) for s, c in zip(subnets, requested)]
@@ -188,7 +190,7 @@ class FakeEngine:
             raise EngineError(
                 403, f"error while removing network: network {network['Name']} id {network['Id']} has active endpoints"
             )
-        del self.networks[network["Id"]]
+        del self.networks[network["Id"]], self._subnets[network["Id"]]
         return 204, None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import sys
 from collections.abc import Iterable
@@ -49,7 +48,7 @@ def pool_from_env() -> IPv4Network:
     return parse_pool(text) if text else DEFAULT_POOL
 
 
-def _blocked(pool: IPv4Network, taken: Iterable[IPv4Network]) -> set[int]:
+def blocked_slots(pool: IPv4Network, taken: Iterable[IPv4Network]) -> set[int]:
     """Indexes of the pool's /24s that overlap any taken network."""
     base, last = int(pool.network_address), int(pool.broadcast_address)
     blocked: set[int] = set()
@@ -60,11 +59,10 @@ def _blocked(pool: IPv4Network, taken: Iterable[IPv4Network]) -> set[int]:
     return blocked
 
 
-def derive_subnet(slug: str, pool: IPv4Network, taken: Iterable[IPv4Network]) -> IPv4Network:
+def first_free(slug: str, pool: IPv4Network, blocked: set[int]) -> IPv4Network:
     """The /24 for `slug`: its hashed slot in the pool, or the next free one after it, wrapping around."""
     base, count = int(pool.network_address), pool.num_addresses >> 8
     start = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:8], "big") % count
-    blocked = _blocked(pool, taken)
     for step in range(count):
         index = (start + step) % count
         network = base + (index << 8)
@@ -72,8 +70,13 @@ def derive_subnet(slug: str, pool: IPv4Network, taken: Iterable[IPv4Network]) ->
             return IPv4Network((network, 24))
     raise AddressPoolExhausted(
         f"no free /24 is left in the subnet pool {pool} ({len(blocked)} in use); "
-        f"widen it with {POOL_ENV}=10.0.0.0/8, or remove bottles you no longer need (`bottle gc`)"
+        f"widen it with {POOL_ENV}=10.0.0.0/8, or remove docker networks you no longer need"
     )
+
+
+def derive_subnet(slug: str, pool: IPv4Network, taken: Iterable[IPv4Network]) -> IPv4Network:
+    """The /24 for `slug` given every network that already exists (docker's and the host's)."""
+    return first_free(slug, pool, blocked_slots(pool, taken))
 
 
 def host_routes(route_table: Path = Path("/proc/net/route")) -> list[IPv4Network]:
@@ -106,9 +109,7 @@ def ipv4_subnets(network_attrs: dict) -> list[IPv4Network]:
     subnets = []
     for config in (network_attrs.get("IPAM") or {}).get("Config") or []:
         try:
-            net = ipaddress.ip_network(config.get("Subnet", ""), strict=False)
-        except ValueError:
+            subnets.append(IPv4Network(config.get("Subnet", ""), strict=False))
+        except ValueError:  # IPv6, or not an address at all
             continue
-        if isinstance(net, IPv4Network):
-            subnets.append(net)
     return subnets
