@@ -8,6 +8,7 @@ no arguments, so anything machine-specific is read from the environment in `__in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -60,6 +61,30 @@ class PreflightReport(BaseModel):
         return [f"{c.name}: {c.detail}" + (f" ({c.fix})" if c.fix else "") for c in self.checks if not c.ok]
 
 
+class BottleStatus(BaseModel):
+    """One bottle as `bottle ls` shows it: what each part is doing, and what does not add up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slug: str
+    name: str | None  # None when no plan is on disk (a leftover `bottle gc` removes)
+    backend: str
+    address: str | None  # the bundle's IP, where the plan knows it
+    parts: dict[str, str]  # part -> "running", "present", "exited", "missing", ...
+    drift: list[str]  # one sentence per inconsistency, each saying how to resolve it
+
+    @property
+    def orphan(self) -> bool:
+        return self.name is None
+
+    @property
+    def state(self) -> str:
+        up = [v in {"running", "present"} for v in self.parts.values()]
+        if self.orphan:
+            return "orphan"
+        return "running" if all(up) else "down" if not any(up) else "partial"
+
+
 class Backend(ABC):
     """A way to run a bottle: an agent VM whose only reachable address is its bundle."""
 
@@ -95,3 +120,38 @@ class Backend(ABC):
         Running it twice is a no-op the second time and returns an equal plan. If it fails, it removes
         whatever it created in that call, then raises a `bottle.errors.BottleError`.
         """
+
+    @abstractmethod
+    def up(
+        self,
+        manifest: Manifest,
+        *,
+        docker: docker.DockerClient,
+        state: StateStore,
+        preflight: PreflightReport,
+        on_step: Callable[[str, str], None],
+        repack: bool = False,
+    ) -> BottlePlan:
+        """Prepare the bottle, save its plan (`state.save_plan`) and start every part of it.
+
+        Each step adopts what is already up, so `up` of a running bottle changes nothing. If a step
+        fails, or the user interrupts (KeyboardInterrupt), remove what this call created, newest first,
+        then re-raise; failures are `bottle.errors.StepFailed` naming the step. Report progress through
+        `on_step(step, detail)`. The caller holds the bottle's lock.
+        """
+
+    @abstractmethod
+    def attach(self, plan: BottlePlan, *, tty: bool) -> int:
+        """Run the agent in the bottle with the user's terminal attached; return its exit code."""
+
+    @abstractmethod
+    def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:
+        """Remove every part of the bottle that exists, and its state directory; keep shared caches.
+
+        Works from names and labels alone, so it also cleans up after a crash. Succeeds when nothing
+        is left; returns one description per thing removed. The caller holds the bottle's lock.
+        """
+
+    @abstractmethod
+    def inventory(self, *, docker: docker.DockerClient, state: StateStore) -> list[BottleStatus]:
+        """Every bottle of this backend with a trace on this machine: a plan on disk, or a resource."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +15,9 @@ import click
 import docker
 
 from bottle import registry
-from bottle.backend import Backend, PreflightReport
-from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed
-from bottle.manifest import Manifest, load_manifest
+from bottle.backend import Backend, BottleStatus, PreflightReport
+from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed, UsageError
+from bottle.manifest import Manifest, load_manifest, slugify
 from bottle.plan import BottlePlan
 from bottle.state import StateStore
 
@@ -101,6 +105,131 @@ def prepare(manifest_path: Path, as_json: bool) -> None:
     path = state.save_plan(result)
     _echo_plan(result, as_json)
     click.echo(f"plan saved to {path}", err=True)
+
+
+def _progress(step: str, detail: str) -> None:
+    click.echo(f"  {step:<14} {detail}", err=True)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while bottle changes things, so either one leaves nothing half-made."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@cli.command()
+@manifest_option
+@click.option("-d", "--detach", is_flag=True, help="Leave the bottle running without attaching to the agent.")
+@click.option("--repack", is_flag=True, help="Pack the agent image again even if a cached artifact exists.")
+def up(manifest_path: Path, detach: bool, repack: bool) -> None:
+    """Start the bottle (bundle, then VM) and attach to the agent; attach if it is already up."""
+    manifest = load_manifest(manifest_path)
+    backend = _backend_for(manifest)
+    client = docker_client()
+    report = backend.preflight(docker=client)
+    if not report.ok:
+        raise PreflightFailed(backend.name, report.problems)
+    state = StateStore()
+
+    def waiting() -> None:
+        click.echo(f"waiting for another bottle command working on '{manifest.slug}'", err=True)
+
+    click.echo(f"bottle '{manifest.name}' ({backend.name}):", err=True)
+    with _terminate_as_interrupt(), state.lock(manifest.slug, on_wait=waiting):
+        plan = backend.up(manifest, docker=client, state=state, preflight=report, on_step=_progress, repack=repack)
+    if detach:
+        click.echo(f"bottle '{manifest.name}' is up; `bottle up -f {manifest_path}` attaches to it, "
+                   f"`bottle down {manifest.slug}` removes it", err=True)
+        return
+    raise click.exceptions.Exit(backend.attach(plan, tty=sys.stdin.isatty()))
+
+
+@cli.command()
+@click.argument("name")
+def down(name: str) -> None:
+    """Remove the bottle NAME: its VM, bundle, network and state (the packed image cache stays)."""
+    slug = _slug_of(name)
+    client = docker_client()
+    state = StateStore()
+    removed: list[str] = []
+    with _terminate_as_interrupt(), state.lock(slug):
+        for backend_name in registry.available():
+            removed += registry.load(backend_name)().down(slug, docker=client, state=state)
+    for thing in removed:
+        click.echo(f"removed {thing}")
+    if not removed:
+        click.echo(f"bottle '{slug}': nothing to remove")
+
+
+def _slug_of(name: str) -> str:
+    try:
+        return slugify(name)
+    except ValueError as exc:
+        raise UsageError(f"'{name}' is not a bottle name: it {exc}") from None
+
+
+def _inventory(client: docker.DockerClient, state: StateStore) -> list[BottleStatus]:
+    found: list[BottleStatus] = []
+    for backend_name in registry.available():
+        found += registry.load(backend_name)().inventory(docker=client, state=state)
+    return found
+
+
+@cli.command(name="ls")
+@json_option
+def ls_command(as_json: bool) -> None:
+    """List every bottle on this machine, its parts, and anything that does not add up."""
+    statuses = _inventory(docker_client(), StateStore())
+    if as_json:
+        rows = [s.model_dump() | {"state": s.state} for s in statuses]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not statuses:
+        click.echo("no bottles")
+        return
+    part_names = sorted({p for s in statuses for p in s.parts})
+    header = ["NAME", "STATE", "BACKEND", "ADDRESS", *(p.upper() for p in part_names)]
+    rows = [
+        [s.name or f"({s.slug})", s.state, s.backend, s.address or "-", *(s.parts.get(p, "-") for p in part_names)]
+        for s in statuses
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row, status in zip([header, *rows], [None, *statuses]):
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        for note in status.drift if status else []:
+            click.echo(f"  ! {note}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
+def gc(dry_run: bool) -> None:
+    """Remove leftovers: bottle resources and VMs that belong to no bottle on disk."""
+    client = docker_client()
+    state = StateStore()
+    orphans = [s for s in _inventory(client, state) if s.orphan]
+    for orphan in orphans:
+        parts = ", ".join(f"{k} {v}" for k, v in orphan.parts.items() if v != "missing")
+        if dry_run:
+            click.echo(f"would remove {orphan.slug} ({orphan.backend}): {parts}")
+            continue
+        try:
+            with state.lock(orphan.slug, timeout=0):
+                removed = registry.load(orphan.backend)().down(orphan.slug, docker=client, state=state)
+        except BottleError as exc:
+            click.echo(f"skipped {orphan.slug}: {exc}", err=True)
+            continue
+        for thing in removed:
+            click.echo(f"removed {thing}")
+    if not orphans:
+        click.echo("nothing to collect")
 
 
 @cli.command()

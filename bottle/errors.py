@@ -46,3 +46,12 @@ class AddressPoolExhausted(EnvironmentProblem):
 
 class DockerProblem(EnvironmentProblem):
     """The Docker Engine refused or failed a request bottle made."""
+
+
+class StepFailed(BottleError):
+    """A step of `bottle up` failed; `step` names it, and what that run created has been removed."""
+
+    def __init__(self, step: str, reason: str):
+        self.step = step
+        self.reason = reason
+        super().__init__(f"step '{step}' failed: {reason}")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
 
+from bottle.errors import BottleError
 from bottle.plan import BottlePlan
 
 PLAN_FILE = "plan.json"
@@ -34,8 +40,9 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def make_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) readable by the owner only; tighten it if it already exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create `path` and any missing parents, each owner-only; tighten `path` if it already exists."""
+    for missing in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     return path
 
@@ -64,6 +71,44 @@ class StateStore:
         except FileNotFoundError:
             return None
 
+    def remove_bottle(self, slug: str) -> Path | None:
+        """Delete a bottle's state directory; return it if there was one."""
+        path = self.bottle_dir(slug)
+        if not path.exists():
+            return None
+        shutil.rmtree(path)
+        return path
+
+    @contextmanager
+    def lock(
+        self, slug: str, *, timeout: float = 600.0, on_wait: Callable[[], None] = lambda: None
+    ) -> Iterator[None]:
+        """Hold the bottle's lock, so one command at a time changes it; wait up to `timeout` seconds.
+
+        The lock is an flock on a file, so it is released by the kernel when its holder dies.
+        """
+        path = make_private_dir(self.root / "locks") / f"{slug}.lock"
+        with open(path, "a") as handle:
+            deadline = time.monotonic() + timeout
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        on_wait()
+                        waited = True
+                    if time.monotonic() > deadline:
+                        raise BottleError(
+                            f"another bottle command has been working on '{slug}' for {timeout:.0f} s; "
+                            "try again when it finishes"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+
     def slugs(self) -> list[str]:
         bottles = self.root / "bottles"
-        return sorted(p.name for p in bottles.iterdir() if p.is_dir()) if bottles.is_dir() else []
+        if not bottles.is_dir():
+            return []
+        return sorted(p.name for p in bottles.iterdir() if (p / PLAN_FILE).is_file())

@@ -23,6 +23,7 @@ class SmolmachinesBottlePlan(BottlePlan):
     bundle_container_name: str
     bundle_image: str
     smolfile_path: Path
+    bundle_dir: Path  # the bundle's config and CA, mounted read-only into the bundle container
     artifact_path: Path
     machine_name: str
     agent_image: str

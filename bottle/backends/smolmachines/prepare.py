@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 
@@ -13,13 +14,14 @@ from docker.types import IPAMConfig, IPAMPool
 from bottle.backend import LABEL_BACKEND, LABEL_SLUG, labels
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
-from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
+from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.errors import DockerProblem, UsageError
 from bottle.manifest import Manifest
-from bottle.state import StateStore, make_private_dir
+from bottle.state import StateStore, make_private_dir, write_private
 
 BACKEND = "smolmachines"
 SMOLFILE = "Smolfile"
+BUNDLE_CONFIG = "config.json"  # in the bundle directory, mounted read-only at /etc/bottle in the bundle
 GUEST_CA_PATH = "/etc/bottle/ca.pem"  # where the bundle's CA certificate sits inside the VM
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays inside the VM; everything else goes to the bundle
 CREATE_ATTEMPTS = 5
@@ -32,10 +34,15 @@ def resource_name(slug: str) -> str:
 
 def agent_env(env: Mapping[str, str], bundle_ip: IPv4Address) -> dict[str, str]:
     """The VM's environment: the manifest's env plus the proxy settings, IP literals only (no DNS in the VM)."""
-    proxy = f"http://{bundle_ip}:8888"
+    proxy = f"http://{bundle_ip}:{PROXY_PORT}"
     ours = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "NO_PROXY": NO_PROXY}
     merged = dict(env) | ours | {k.lower(): v for k, v in ours.items()} | {"NODE_EXTRA_CA_CERTS": GUEST_CA_PATH}
     return dict(sorted(merged.items()))
+
+
+def bundle_config(manifest: Manifest) -> bytes:
+    """The bundle's policy, rendered from the manifest: which hosts its proxy may reach."""
+    return json.dumps({"port": PROXY_PORT, "allow": manifest.egress.allow}, indent=2).encode() + b"\n"
 
 
 def survey(client: docker.DockerClient, slug: str) -> tuple[Network | None, list[IPv4Network]]:
@@ -89,6 +96,7 @@ def build_plan(
         bundle_container_name=f"{resource_name(slug)}-bundle",
         bundle_image=manifest.bundle.image,
         smolfile_path=state.bottle_dir(slug) / SMOLFILE,
+        bundle_dir=state.bottle_dir(slug) / "bundle",
         artifact_path=state.cache_dir() / "artifacts" / f"{image_key}.smolmachine",
         machine_name=resource_name(slug),
         agent_image=manifest.agent.image,
@@ -141,7 +149,7 @@ def _create_network(
     )
 
 
-def prepare(
+def prepare_parts(
     manifest: Manifest,
     client: docker.DockerClient,
     state: StateStore,
@@ -149,15 +157,21 @@ def prepare(
     pool: IPv4Network,
     routes: list[IPv4Network],
     smolvm_version: str | None,
-) -> SmolmachinesBottlePlan:
-    """Create the bottle's network (or adopt it), write its Smolfile, and return its plan."""
+) -> tuple[SmolmachinesBottlePlan, Network | None]:
+    """Do `prepare`; also return the network if this call created it, so a caller can undo that."""
     network, created = _create_network(client, manifest.slug, pool, routes)
     try:
         result = build_plan(manifest, adopted_addresses(network), network.id, state, smolvm_version)
-        make_private_dir(state.bottle_dir(manifest.slug))
+        make_private_dir(result.bundle_dir)
         smolfile.write(result.smolfile_path, smolfile.build(result.agent_env, result.bundle_ip))
+        write_private(result.bundle_dir / BUNDLE_CONFIG, bundle_config(manifest))
     except BaseException:
         if created:
             network.remove()
         raise
-    return result
+    return result, network if created else None
+
+
+def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, **options) -> SmolmachinesBottlePlan:
+    """Create the bottle's network (or adopt it), write its Smolfile and bundle config, return its plan."""
+    return prepare_parts(manifest, client, state, **options)[0]

@@ -31,3 +31,14 @@ def render(smolfile: Mapping[str, Any]) -> str:
 def write(path: Path, smolfile: Mapping[str, Any]) -> None:
     """Write the Smolfile atomically, private to the owner from its first byte."""
     write_private(path, render(smolfile).encode())
+
+
+def flags(smolfile: Mapping[str, Any]) -> list[str]:
+    """The `smolvm machine create` flags that carry exactly the Smolfile's env and allowlist.
+
+    smolvm refuses `--from ARTIFACT` together with `--smolfile`, so a machine created from a packed
+    artifact gets the same data as flags; both come from this one dict, so they cannot drift apart.
+    """
+    env = [arg for entry in smolfile["env"] for arg in ("-e", entry)]
+    cidrs = [arg for cidr in smolfile["network"]["allow_cidrs"] for arg in ("--allow-cidr", cidr)]
+    return env + cidrs

@@ -1,0 +1,301 @@
+"""Executing a plan: the bundle container, the packed artifact, the machine; and taking them down again.
+
+`up` runs its steps in order; each adopts what already exists, and whatever a run created is removed
+again, newest first, if a later step fails or the user interrupts it. `down` removes everything a
+bottle has by name and label, so it also cleans up after a run that crashed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.models.containers import Container
+
+from bottle.backend import LABEL_BACKEND, LABEL_MANAGED, LABEL_SLUG, BottleStatus, labels
+from bottle.backends.smolmachines import smolfile
+from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
+from bottle.backends.smolmachines.prepare import BACKEND, prepare_parts, resource_name
+from bottle.backends.smolmachines.smolvm import Smolvm
+from bottle.errors import BottleError, StepFailed
+from bottle.manifest import Manifest
+from bottle.state import PLAN_FILE, StateStore, write_private
+
+Progress = Callable[[str, str], None]
+
+
+class Undo:
+    """A stack of clean-up actions; `run` performs them newest first and cannot be interrupted."""
+
+    def __init__(self) -> None:
+        self._actions: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, what: str, action: Callable[[], Any]) -> None:
+        self._actions.append((what, action))
+
+    def run(self) -> list[str]:
+        """Undo everything; return what could not be undone (each with its reason)."""
+        failed = []
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not strand resources
+        try:
+            while self._actions:
+                what, action = self._actions.pop()
+                try:
+                    action()
+                except Exception as exc:  # keep undoing the rest; report what is left
+                    failed.append(f"{what} ({exc})")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return failed
+
+
+def _tcp_accepts(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan) -> Container | None:
+    try:
+        container = client.containers.get(plan.bundle_container_name)
+    except docker.errors.NotFound:
+        return None
+    if (container.labels or {}).get(LABEL_SLUG) != plan.slug:
+        raise BottleError(
+            f"a container named '{plan.bundle_container_name}' exists but bottle did not create it; "
+            f"remove it (`docker rm -f {plan.bundle_container_name}`) or rename the bottle"
+        )
+    return container
+
+
+def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, undo: Undo) -> None:
+    """Run the bundle at its pinned IP on the bottle's network, config mounted read-only; adopt it if running."""
+    container = _bundle(client, plan)
+    if container is not None:
+        if container.status != "running":
+            container.start()
+        return
+    try:
+        client.images.get(plan.bundle_image)  # never pull implicitly: the bundle image is built locally
+    except docker.errors.ImageNotFound:
+        raise StepFailed(
+            "bundle start", f"the bundle image '{plan.bundle_image}' is not on this machine; build or load it first"
+        ) from None
+    endpoint = client.api.create_endpoint_config(ipv4_address=str(plan.bundle_ip))
+    container = client.containers.create(
+        plan.bundle_image,
+        name=plan.bundle_container_name,
+        labels=labels(plan.slug, BACKEND) | {"bottle.role": "bundle"},
+        network=plan.network_name,
+        networking_config={plan.network_name: endpoint},
+        volumes={str(plan.bundle_dir): {"bind": "/etc/bottle", "mode": "ro"}},
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        restart_policy={"Name": "unless-stopped"},
+    )
+    undo.push(f"container {container.name}", lambda: container.remove(force=True))
+    try:
+        container.start()
+    except docker.errors.APIError as exc:
+        raise StepFailed("bundle start", f"docker could not start the bundle: {exc.explanation}") from None
+
+
+def wait_until_ready(
+    client: docker.DockerClient,
+    plan: SmolmachinesBottlePlan,
+    timeout: float,
+    accepts: Callable[[str, int], bool] = _tcp_accepts,
+) -> None:
+    """Wait until the bundle accepts TCP connections on its proxy port, from the host, as the VM will."""
+    deadline = time.monotonic() + timeout
+    while not accepts(str(plan.bundle_ip), PROXY_PORT):
+        container = client.containers.get(plan.bundle_container_name)
+        if container.status not in {"created", "running"} or time.monotonic() > deadline:
+            logs = container.logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
+            why = f"it is {container.status}" if container.status != "running" else f"not within {timeout:.0f} s"
+            raise StepFailed(
+                "bundle ready",
+                f"the bundle did not accept connections on {plan.bundle_ip}:{PROXY_PORT} ({why}); "
+                f"its last log lines: {logs or '(none)'}",
+            )
+        time.sleep(0.1)
+
+
+def ensure_artifact(smolvm: Smolvm, plan: SmolmachinesBottlePlan, *, repack: bool, on_step: Progress) -> None:
+    """Pack the agent image once per image (and smolvm version); reuse the cached .smolmachine after that.
+
+    The artifact is packed under a temporary name and renamed into place, so an interrupted pack never
+    leaves a half-written artifact in the cache.
+    """
+    stamp_path = plan.artifact_path.with_suffix(".json")
+    stamp = {"image": plan.agent_image, "smolvm_version": plan.smolvm_version}
+    if not repack and plan.artifact_path.exists() and stamp_path.exists():
+        if json.loads(stamp_path.read_text()) == stamp:
+            on_step("pack", f"reusing {plan.artifact_path}")
+            return
+    plan.artifact_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = plan.artifact_path.with_name(f".{plan.artifact_path.stem}.{os.getpid()}.partial.smolmachine")
+    on_step("pack", f"packing {plan.agent_image} (this can take minutes)")
+    started = time.monotonic()
+    try:
+        smolvm.pack(plan.agent_image, partial)
+        os.replace(partial, plan.artifact_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    write_private(stamp_path, json.dumps(stamp).encode())
+    on_step("pack", f"packed in {time.monotonic() - started:.0f} s")
+
+
+def ensure_machine(smolvm: Smolvm, plan: SmolmachinesBottlePlan, undo: Undo, on_step: Progress) -> None:
+    """Create the machine from the artifact with exactly the Smolfile's env and one CIDR; start it."""
+    existing = smolvm.machines().get(plan.machine_name)
+    if existing is None:
+        on_step("machine create", f"{plan.machine_name}, allowed to reach {plan.allow_cidr} only")
+        data = smolfile.build(plan.agent_env, plan.bundle_ip)
+        smolvm.create(plan.machine_name, plan.artifact_path, smolfile.flags(data))
+        undo.push(f"machine {plan.machine_name}", lambda: smolvm.delete(plan.machine_name))
+    if existing is None or existing.get("state") != "running":
+        on_step("machine start", plan.machine_name)
+        smolvm.start(plan.machine_name)
+
+
+def _step(name: str, action: Callable[[], Any]) -> Any:
+    """Run one step; errors that are not already a StepFailed are reported under this step's name."""
+    try:
+        return action()
+    except StepFailed:
+        raise
+    except BottleError as exc:
+        raise StepFailed(name, str(exc)) from exc
+    except docker.errors.DockerException as exc:
+        raise StepFailed(name, f"the Docker Engine failed: {exc}") from exc
+
+
+def up(
+    manifest: Manifest,
+    client: docker.DockerClient,
+    state: StateStore,
+    smolvm: Smolvm,
+    *,
+    prepare_options: dict[str, Any],
+    on_step: Progress,
+    repack: bool = False,
+    ready_timeout: float = 30.0,
+) -> SmolmachinesBottlePlan:
+    """Bring the bottle up, or adopt the parts that are already up; undo this run's work on any failure."""
+    undo = Undo()
+    if not (state.bottle_dir(manifest.slug) / PLAN_FILE).exists():
+        undo.push("state", lambda: state.remove_bottle(manifest.slug))
+    try:
+        plan, network = _step("network", lambda: prepare_parts(manifest, client, state, **prepare_options))
+        if network is not None:
+            undo.push(f"network {network.name}", network.remove)
+        state.save_plan(plan)
+        on_step("network", f"{plan.network_name} {plan.bundle_subnet}")
+        _step("bundle start", lambda: start_bundle(client, plan, undo))
+        on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
+        _step("bundle ready", lambda: wait_until_ready(client, plan, ready_timeout))
+        on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
+        _step("pack", lambda: ensure_artifact(smolvm, plan, repack=repack, on_step=on_step))
+        _step("machine", lambda: ensure_machine(smolvm, plan, undo, on_step))
+        _step("exec", lambda: smolvm.probe(plan.machine_name))
+        on_step("exec", f"{plan.machine_name} runs commands")
+    except BaseException as exc:
+        left = undo.run()
+        if isinstance(exc, StepFailed):
+            tail = f"; could not remove: {', '.join(left)}" if left else "; what this run created was removed"
+            raise StepFailed(exc.step, exc.reason + tail) from exc
+        raise
+    return plan
+
+
+def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[str]:
+    """Remove the bottle's machine, bundle, network and state, whatever of them exists; keep the cache.
+
+    Every part is attempted even when one fails; the failures are raised together at the end.
+    """
+    removed: list[str] = []
+    failed: list[str] = []
+    name = resource_name(slug)
+    selector = {"label": [f"{LABEL_SLUG}={slug}", f"{LABEL_BACKEND}={BACKEND}"]}
+
+    def machine() -> None:
+        if smolvm.installed and name in smolvm.machines():
+            smolvm.delete(name)
+            removed.append(f"machine {name}")
+
+    def containers() -> None:
+        for container in client.containers.list(all=True, filters=selector):
+            container.remove(force=True)
+            removed.append(f"container {container.name}")
+
+    def networks() -> None:
+        for network in client.networks.list(filters=selector):
+            network.remove()
+            removed.append(f"network {network.name}")
+
+    def files() -> None:
+        if (path := state.remove_bottle(slug)) is not None:
+            removed.append(f"state {path}")
+
+    for part, action in [("machine", machine), ("bundle", containers), ("network", networks), ("state", files)]:
+        try:
+            action()
+        except (BottleError, docker.errors.DockerException, OSError) as exc:
+            failed.append(f"{part}: {exc}")
+    if failed:
+        done = f" (removed: {', '.join(removed)})" if removed else ""
+        raise BottleError(f"could not remove all of bottle '{slug}': {'; '.join(failed)}{done}")
+    return removed
+
+
+def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[BottleStatus]:
+    """Every smolmachines bottle this machine has a trace of: on disk, in docker, or in smolvm."""
+    selector = {"label": [LABEL_MANAGED, f"{LABEL_BACKEND}={BACKEND}"]}
+    networks = {n.attrs["Labels"][LABEL_SLUG]: n for n in client.networks.list(filters=selector)}
+    bundles = {c.labels[LABEL_SLUG]: c for c in client.containers.list(all=True, filters=selector)}
+    listed = smolvm.machines() if smolvm.installed else {}
+    machines = {name.removeprefix("bottle-"): m for name, m in listed.items() if name.startswith("bottle-")}
+    plans = {}
+    for slug in state.slugs():
+        data = state.read_plan_data(slug)
+        if data and data.get("backend") == BACKEND:
+            plans[slug] = SmolmachinesBottlePlan.model_validate(data)
+    result = []
+    for slug in sorted(set(plans) | set(networks) | set(bundles) | set(machines)):
+        plan = plans.get(slug)
+        parts = {
+            "network": "present" if slug in networks else "missing",
+            "bundle": bundles[slug].status if slug in bundles else "missing",
+            "machine": machines[slug].get("state", "unknown") if slug in machines else "missing",
+        }
+        result.append(
+            BottleStatus(
+                slug=slug,
+                name=plan.name if plan else None,
+                backend=BACKEND,
+                address=str(plan.bundle_ip) if plan else None,
+                parts=parts,
+                drift=_drift(parts, has_plan=plan is not None),
+            )
+        )
+    return result
+
+
+def _drift(parts: dict[str, str], *, has_plan: bool) -> list[str]:
+    if not has_plan:
+        return ["no plan on disk: left over from a crash or removed state (`bottle gc` removes it)"]
+    up_parts = {k for k, v in parts.items() if v in {"present", "running"}}
+    if not up_parts or len(up_parts) == len(parts):
+        return []
+    down_parts = sorted(set(parts) - up_parts)
+    return [f"{', '.join(down_parts)} not up while {', '.join(sorted(up_parts))} is (`bottle up` repairs it)"]

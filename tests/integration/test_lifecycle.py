@@ -1,0 +1,269 @@
+"""`bottle up`, `down`, `ls` and `gc` against the real Docker Engine and the fake smolvm."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from bottle.backend import LABEL_SLUG
+from bottle.backends.smolmachines import SmolmachinesBackend
+from bottle.manifest import load_manifest
+from bottle.state import StateStore
+from bottle.testing import fake_smolvm
+from tests.integration.conftest import MUTE_IMAGE, READY_IMAGE, TEST_LABEL, bottle
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "home"
+    monkeypatch.setenv("BOTTLE_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def write_manifest(tmp_path, slug, bundle_images):
+    def write(name: str = slug, bundle_image: str = READY_IMAGE) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'name = "{name}"\n[agent]\nimage = "node:22"\ncommand = ["claude"]\nenv = {{ TERM = "xterm" }}\n'
+            f'[egress]\nallow = ["api.anthropic.com"]\n[bundle]\nimage = "{bundle_image}"\n'
+        )
+        return path
+
+    return write
+
+
+def leftovers(engine, slug: str, smolvm_state: Path, home: Path) -> dict:
+    """Everything of a bottle that still exists anywhere, empty when it is fully gone."""
+    label = {"label": f"{LABEL_SLUG}={slug}"}
+    found = {
+        "networks": [n.name for n in engine.networks.list(filters=label)],
+        "containers": [c.name for c in engine.containers.list(all=True, filters=label)],
+        "machines": [m for m in fake_smolvm.machines(smolvm_state) if m == f"bottle-{slug}"],
+        "state": (home / "bottles" / slug).exists(),
+        "partial artifacts": [p.name for p in (home / "cache" / "artifacts").glob(".*partial*")],
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def http_status_line(ip: str, port: int) -> str:
+    with socket.create_connection((ip, port), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return conn.recv(200).decode(errors="replace").splitlines()[0]
+
+
+def test_up_detach_then_down_leaves_nothing(engine, slug, smolvm_state, home, write_manifest):
+    manifest = write_manifest()
+    result = bottle("up", "-f", str(manifest), "--detach")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((home / "bottles" / slug / "plan.json").read_text())
+
+    network = engine.networks.get(plan["network_id"])
+    assert network.attrs["IPAM"]["Config"] == [{"Subnet": plan["bundle_subnet"], "Gateway": plan["bundle_gateway"]}]
+    container = engine.containers.get(plan["bundle_container_name"])
+    assert container.status == "running"
+    assert container.attrs["NetworkSettings"]["Networks"][plan["network_name"]]["IPAddress"] == plan["bundle_ip"]
+    assert container.labels[LABEL_SLUG] == slug
+    mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+    assert mounts["/etc/bottle"]["RW"] is False
+    assert http_status_line(plan["bundle_ip"], 8888).startswith("HTTP/1.")  # answers from the host
+
+    machine = fake_smolvm.machines(smolvm_state)[f"bottle-{slug}"]
+    assert machine["state"] == "running"
+    assert machine["allow_cidrs"] == [f"{plan['bundle_ip']}/32"]
+    assert machine["env"] == [f"{k}={v}" for k, v in plan["agent_env"].items()]
+
+    result = bottle("down", slug)
+    assert result.returncode == 0, result.stderr
+    assert f"removed machine bottle-{slug}" in result.stdout
+    assert f"removed network bottle-{slug}" in result.stdout
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+    assert Path(plan["artifact_path"]).exists()  # the pack cache outlives the bottle
+
+    again = bottle("down", slug)
+    assert again.returncode == 0 and f"bottle '{slug}': nothing to remove" in again.stdout
+
+
+def test_machine_flags_carry_exactly_the_smolfile(engine, slug, smolvm_state, home, write_manifest):
+    assert bottle("up", "-f", str(write_manifest()), "--detach").returncode == 0
+    smolfile = tomllib.loads((home / "bottles" / slug / "Smolfile").read_text())
+    machine = fake_smolvm.machines(smolvm_state)[f"bottle-{slug}"]
+    assert (machine["env"], machine["allow_cidrs"]) == (smolfile["env"], smolfile["network"]["allow_cidrs"])
+    create = [c for c in fake_smolvm.calls(smolvm_state) if c[:2] == ["machine", "create"]]
+    assert len(create) == 1 and "--smolfile" not in create[0] and "--from" in create[0]
+    bottle("down", slug)
+
+
+def test_a_second_up_adopts_and_attaches(engine, slug, smolvm_state, home, write_manifest):
+    manifest = write_manifest()
+    assert bottle("up", "-f", str(manifest), "--detach").returncode == 0
+    container_id = engine.containers.get(f"bottle-{slug}-bundle").id
+    calls_before = len(fake_smolvm.calls(smolvm_state))
+
+    result = bottle("up", "-f", str(manifest))
+    assert result.returncode == 0, result.stderr
+    new_calls = fake_smolvm.calls(smolvm_state)[calls_before:]
+    assert not [c for c in new_calls if c[:2] in (["machine", "create"], ["pack", "create"])]
+    assert new_calls[-1] == ["machine", "exec", "--name", f"bottle-{slug}", "-i", "--", "claude"]
+    assert engine.containers.get(f"bottle-{slug}-bundle").id == container_id
+    assert "reusing" in result.stderr
+    bottle("down", slug)
+
+
+STEP_FAULTS = [
+    ("bundle start", {}, "bottle-test-bundle:missing"),
+    ("bundle ready", {"BOTTLE_READY_TIMEOUT": "2"}, MUTE_IMAGE),
+    ("pack", {"FAKE_SMOLVM_FAIL": "pack"}, READY_IMAGE),
+    ("machine create", {"FAKE_SMOLVM_FAIL": "machine-create"}, READY_IMAGE),
+    ("machine start", {"FAKE_SMOLVM_FAIL": "machine-start"}, READY_IMAGE),
+    ("exec", {"FAKE_SMOLVM_FAIL": "machine-exec"}, READY_IMAGE),
+]
+
+
+@pytest.mark.parametrize(("step", "env", "image"), STEP_FAULTS, ids=[s for s, _, _ in STEP_FAULTS])
+def test_a_failing_step_is_named_and_leaves_nothing(engine, slug, smolvm_state, home, write_manifest, step, env, image):
+    result = bottle("up", "-f", str(write_manifest(bundle_image=image)), "--detach", env=env)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"bottle: step '{step}' failed: ")
+    assert message.endswith("what this run created was removed")
+    assert "Traceback" not in result.stderr
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+
+
+def test_a_failing_network_step_is_named_and_leaves_nothing(engine, slug, smolvm_state, home, write_manifest):
+    engine.networks.create(f"bottle-{slug}", labels={TEST_LABEL: slug})  # someone else's network, our name
+    result = bottle("up", "-f", str(write_manifest()), "--detach")
+    assert result.returncode == 1
+    assert "bottle: step 'network' failed: a docker network named" in result.stderr
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+
+
+def test_bundle_never_ready_shows_its_last_log_lines(engine, slug, smolvm_state, home, write_manifest):
+    result = bottle("up", "-f", str(write_manifest(bundle_image=MUTE_IMAGE)), "-d", env={"BOTTLE_READY_TIMEOUT": "1"})
+    assert "did not accept connections on" in result.stderr and "its last log lines" in result.stderr
+
+
+HANGING_STEPS = [("pack", "pack"), ("machine create", "machine-create"), ("machine start", "machine-start"),
+                 ("exec", "machine-exec")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("step", "fake_step"), HANGING_STEPS, ids=[s for s, _ in HANGING_STEPS])
+def test_sigint_during_a_smolvm_step_leaves_nothing(engine, slug, smolvm_state, home, write_manifest, step, fake_step):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bottle", "up", "-f", str(write_manifest()), "--detach"],
+        env={**os.environ, "FAKE_SMOLVM_HANG": fake_step},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    marker = smolvm_state / f"hanging-{fake_step}"
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "bottle: interrupted" in err and "Traceback" not in err
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+
+
+def test_sigint_while_waiting_for_the_bundle_leaves_nothing(engine, slug, smolvm_state, home, write_manifest):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bottle", "up", "-f", str(write_manifest(bundle_image=MUTE_IMAGE)), "--detach"],
+        env={**os.environ, "BOTTLE_READY_TIMEOUT": "60"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not engine.containers.list(filters={"label": f"{LABEL_SLUG}={slug}", "status": "running"}):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+
+
+@pytest.mark.parametrize("step", ["network", "bundle start", "bundle ready"])
+def test_an_interrupt_right_after_each_docker_step_leaves_nothing(engine, slug, smolvm_state, home, write_manifest, step):
+    # Docker steps finish too fast to signal reliably mid-way; Ctrl-C right after each one is the case
+    # that matters, since that is when the step's resources exist and the next step has not started.
+    def on_step(name: str, detail: str) -> None:
+        if name == step:
+            raise KeyboardInterrupt
+
+    manifest = load_manifest(write_manifest())
+    backend = SmolmachinesBackend()
+    report = backend.preflight(docker=engine)
+    with pytest.raises(KeyboardInterrupt):
+        backend.up(manifest, docker=engine, state=StateStore(), preflight=report, on_step=on_step)
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+
+
+def test_ten_bottles_at_once_get_ten_subnets(engine, slug, smolvm_state, home, write_manifest):
+    names = [f"{slug}-{i}" for i in range(10)]
+    manifests = [write_manifest(name=n) for n in names]
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda m: bottle("up", "-f", str(m), "--detach"), manifests))
+        assert [r.returncode for r in results] == [0] * 10, [r.stderr for r in results if r.returncode]
+        subnets = [json.loads((home / "bottles" / n / "plan.json").read_text())["bundle_subnet"] for n in names]
+        assert len(set(subnets)) == 10
+    finally:
+        with ThreadPoolExecutor(10) as pool:
+            list(pool.map(lambda n: bottle("down", n), names))
+    for name in names:
+        assert leftovers(engine, name, smolvm_state, home) == {}
+
+
+def test_five_ups_of_one_bottle_at_once_leave_one_bottle(engine, slug, smolvm_state, home, write_manifest):
+    manifest = write_manifest()
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda _: bottle("up", "-f", str(manifest), "--detach"), range(5)))
+    assert [r.returncode for r in results] == [0] * 5, [r.stderr for r in results if r.returncode]
+    label = {"label": f"{LABEL_SLUG}={slug}"}
+    assert len(engine.networks.list(filters=label)) == 1
+    assert len(engine.containers.list(all=True, filters=label)) == 1
+    creates = [c for c in fake_smolvm.calls(smolvm_state) if c[:2] == ["machine", "create"]]
+    assert len(creates) == 1
+    bottle("down", slug)
+
+
+def test_ls_shows_state_and_flags_drift(engine, slug, smolvm_state, home, write_manifest):
+    assert bottle("up", "-f", str(write_manifest()), "--detach").returncode == 0
+    listed = {b["slug"]: b for b in json.loads(bottle("ls", "--json").stdout)}
+    assert listed[slug]["state"] == "running"
+    assert listed[slug]["parts"] == {"network": "present", "bundle": "running", "machine": "running"}
+
+    subprocess.run(["smolvm", "machine", "delete", f"bottle-{slug}", "-f"], check=True, capture_output=True)
+    listed = {b["slug"]: b for b in json.loads(bottle("ls", "--json").stdout)}
+    assert listed[slug]["state"] == "partial"
+    assert listed[slug]["drift"] == ["machine not up while bundle, network is (`bottle up` repairs it)"]
+    text = bottle("ls").stdout
+    assert slug in text and "partial" in text and "! machine not up" in text
+    bottle("down", slug)
+
+
+def test_gc_removes_what_belongs_to_no_bottle(engine, slug, smolvm_state, home, write_manifest):
+    assert bottle("up", "-f", str(write_manifest()), "--detach").returncode == 0
+    StateStore(home).remove_bottle(slug)  # as if the state directory had been lost
+
+    dry = bottle("gc", "--dry-run")
+    assert f"would remove {slug} (smolmachines)" in dry.stdout
+    assert engine.networks.list(filters={"label": f"{LABEL_SLUG}={slug}"})
+
+    result = bottle("gc")
+    assert result.returncode == 0, result.stderr
+    assert f"removed machine bottle-{slug}" in result.stdout
+    assert leftovers(engine, slug, smolvm_state, home) == {}
