@@ -1,7 +1,10 @@
 """A contract test suite every backend can run against itself.
 
 Subclass `BackendContract` in a test module and define two fixtures, `backend` (an instance of your
-backend) and `manifest` (a `bottle.Manifest` naming it); pytest collects the inherited tests:
+backend) and `manifest` (a `bottle.Manifest` naming it); pytest collects the inherited tests. The
+lifecycle tests (`up`, `down`, `inventory`) run against FakeDocker with the manifest's bundle image
+present; override the `launchable` fixture to set up whatever else your backend's `up` needs (a fake
+VM tool on PATH, say):
 
     class TestMyBackend(BackendContract):
         @pytest.fixture
@@ -40,6 +43,11 @@ class BackendContract:
     @pytest.fixture
     def report(self, backend: Backend, docker: FakeDocker) -> PreflightReport:
         return backend.preflight(docker=docker)
+
+    @pytest.fixture
+    def launchable(self, docker: FakeDocker, manifest: Manifest) -> None:
+        """Make `up` possible on this machine; the default provides only the bundle image."""
+        docker.engine.add_image(manifest.bundle.image)
 
     def test_is_registered_under_its_name(self, backend: Backend) -> None:
         assert registry.load(backend.name) is type(backend)
@@ -82,3 +90,26 @@ class BackendContract:
         backend.prepare(manifest, docker=docker, state=state, preflight=report)
         for network_id in set(docker.engine.networks) - before:
             assert labels(manifest.slug, backend.name).items() <= docker.engine.networks[network_id]["Labels"].items()
+
+    def _up(self, backend, manifest, docker, state, report):
+        return backend.up(manifest, docker=docker, state=state, preflight=report, on_step=lambda step, detail: None)
+
+    def test_up_then_down_leaves_nothing(self, backend, manifest, docker, state, report, launchable) -> None:
+        networks, containers = set(docker.engine.networks), set(docker.engine.containers)
+        plan = self._up(backend, manifest, docker, state, report)
+        assert state.read_plan_data(manifest.slug) == plan.model_dump(mode="json")
+        [status] = backend.inventory(docker=docker, state=state)
+        assert (status.slug, status.state, status.drift) == (manifest.slug, "running", [])
+        assert backend.down(manifest.slug, docker=docker, state=state)
+        assert backend.inventory(docker=docker, state=state) == []
+        assert (set(docker.engine.networks), set(docker.engine.containers)) == (networks, containers)
+        assert not state.bottle_dir(manifest.slug).exists()
+
+    def test_up_of_a_running_bottle_creates_nothing(self, backend, manifest, docker, state, report, launchable):
+        first = self._up(backend, manifest, docker, state, report)
+        resources = (set(docker.engine.networks), set(docker.engine.containers))
+        assert self._up(backend, manifest, docker, state, report) == first
+        assert (set(docker.engine.networks), set(docker.engine.containers)) == resources
+
+    def test_down_of_an_unknown_bottle_removes_nothing(self, backend, docker, state, launchable) -> None:
+        assert backend.down("never-made", docker=docker, state=state) == []

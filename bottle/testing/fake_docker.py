@@ -54,6 +54,8 @@ class FakeEngine:
     """The engine's state and its request router; thread-safe."""
 
     networks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # by "repo:tag"
     calls: list[Call] = field(default_factory=list)
     _subnets: dict[str, list[Any]] = field(default_factory=dict)  # parsed IPAM subnets by network ID
     _failures: list[tuple[str, re.Pattern[str], EngineError]] = field(default_factory=list)
@@ -70,6 +72,13 @@ class FakeEngine:
         """Make the next request matching `method` and the `path_pattern` regex fail with this error."""
         self._failures.append((method.upper(), re.compile(path_pattern), EngineError(status, message)))
 
+    def add_image(self, tag: str) -> None:
+        """Make an image present, as `docker build` or `docker load` would."""
+        self.images[tag if ":" in tag.rsplit("/", 1)[-1] else f"{tag}:latest"] = {
+            "Id": f"sha256:{secrets.token_hex(32)}",
+            "RepoTags": [tag],
+        }
+
     # -- routing ---------------------------------------------------------------------------------------
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
@@ -80,6 +89,14 @@ class FakeEngine:
             ("POST", r"/networks/create", self._create_network),
             ("GET", r"/networks/(?P<ref>[^/]+)", self._inspect_network),
             ("DELETE", r"/networks/(?P<ref>[^/]+)", self._remove_network),
+            ("GET", r"/images/(?P<ref>.+)/json", self._inspect_image),
+            ("GET", r"/containers/json", self._list_containers),
+            ("POST", r"/containers/create", self._create_container),
+            ("GET", r"/containers/(?P<ref>[^/]+)/json", self._inspect_container),
+            ("POST", r"/containers/(?P<ref>[^/]+)/start", self._start_container),
+            ("POST", r"/containers/(?P<ref>[^/]+)/stop", self._stop_container),
+            ("GET", r"/containers/(?P<ref>[^/]+)/logs", self._container_logs),
+            ("DELETE", r"/containers/(?P<ref>[^/]+)", self._remove_container),
         ]
         with self._lock:
             self.calls.append(Call(method, path, query, body))
@@ -193,6 +210,143 @@ class FakeEngine:
         del self.networks[network["Id"]], self._subnets[network["Id"]]
         return 204, None
 
+    # -- images and containers ---------------------------------------------------------------------------
+
+    def _image(self, ref: str) -> dict[str, Any] | None:
+        return self.images.get(ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest")
+
+    def _inspect_image(self, ref: str, **_: Any) -> tuple[int, Any]:
+        image = self._image(ref)
+        if image is None:
+            raise EngineError(404, f"no such image: {ref}: No such image: {ref}")
+        return 200, image
+
+    def find_container(self, ref: str) -> dict[str, Any]:
+        """Resolve a container by full ID, name (with or without its '/'), or unique ID prefix."""
+        if ref in self.containers:
+            return self.containers[ref]
+        by_name = [c for c in self.containers.values() if c["Name"] == f"/{ref.lstrip('/')}"]
+        by_prefix = [c for i, c in self.containers.items() if i.startswith(ref)]
+        for candidates in (by_name, by_prefix):
+            if len(candidates) == 1:
+                return candidates[0]
+        raise EngineError(404, f"No such container: {ref}")
+
+    def _create_container(self, query: dict[str, list[str]], body: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        name = query.get("name", [""])[0]
+        if self._image(body["Image"]) is None:
+            raise EngineError(404, f"No such image: {body['Image']}")
+        taken = [c for c in self.containers.values() if name and c["Name"] == f"/{name}"]
+        if taken:
+            raise EngineError(
+                409,
+                f'Conflict. The container name "/{name}" is already in use by container "{taken[0]["Id"]}". '
+                "You have to remove (or rename) that container to be able to reuse that name.",
+            )
+        container_id = secrets.token_hex(32)
+        host = body.get("HostConfig") or {}
+        endpoints = (body.get("NetworkingConfig") or {}).get("EndpointsConfig") or {}
+        self.containers[container_id] = {
+            "Id": container_id,
+            "Name": f"/{name or container_id[:12]}",
+            "Image": self._image(body["Image"])["Id"],
+            "Config": {
+                "Image": body["Image"],
+                "Labels": dict(body.get("Labels") or {}),
+                "Cmd": body.get("Cmd"),
+                "Tty": bool(body.get("Tty")),
+            },
+            "State": {"Status": "created", "Running": False, "ExitCode": 0},
+            "HostConfig": host,
+            "Mounts": [_mount(b) for b in host.get("Binds") or []],
+            "NetworkSettings": {
+                "Networks": {net: {"IPAMConfig": (e or {}).get("IPAMConfig"), "IPAddress": ""} for net, e in endpoints.items()}
+            },
+        }
+        return 201, {"Id": container_id, "Warnings": []}
+
+    def _inspect_container(self, ref: str, **_: Any) -> tuple[int, Any]:
+        return 200, self.find_container(ref)
+
+    def _start_container(self, ref: str, **_: Any) -> tuple[int, Any]:
+        container = self.find_container(ref)
+        if container["State"]["Running"]:
+            return 304, None
+        for net_name, endpoint in container["NetworkSettings"]["Networks"].items():
+            network = self.find_network(net_name)
+            subnet = next(iter(self._subnets[network["Id"]]), None)
+            used = {c["IPv4Address"].split("/")[0] for c in network["Containers"].values()}
+            wanted = ((endpoint.get("IPAMConfig") or {}).get("IPv4Address")) or next(
+                str(h) for h in list(subnet.hosts())[1:] if str(h) not in used
+            )
+            if subnet is None or ipaddress.ip_address(wanted) not in subnet:
+                raise EngineError(500, f"Invalid address {wanted}: It does not belong to any of this network's subnets")
+            if wanted in used:
+                raise EngineError(403, "Address already in use")
+            network["Containers"][container["Id"]] = {
+                "Name": container["Name"].lstrip("/"),
+                "IPv4Address": f"{wanted}/{subnet.prefixlen}",
+            }
+            endpoint.update(IPAddress=wanted, NetworkID=network["Id"])
+        container["State"].update(Status="running", Running=True)
+        return 204, None
+
+    def _detach(self, container: dict[str, Any]) -> None:
+        for network in self.networks.values():
+            network["Containers"].pop(container["Id"], None)
+
+    def _stop_container(self, ref: str, **_: Any) -> tuple[int, Any]:
+        container = self.find_container(ref)
+        if not container["State"]["Running"]:
+            return 304, None
+        self._detach(container)
+        container["State"].update(Status="exited", Running=False)
+        return 204, None
+
+    def _container_logs(self, ref: str, **_: Any) -> tuple[int, Any]:
+        self.find_container(ref)
+        return 200, b""  # a fake container prints nothing
+
+    def _remove_container(self, ref: str, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
+        container = self.find_container(ref)
+        if container["State"]["Running"] and query.get("force", ["false"])[0] not in {"1", "true", "True"}:
+            raise EngineError(
+                409,
+                f"You cannot remove a running container {container['Id']}. "
+                "Stop the container before attempting removal or force remove",
+            )
+        self._detach(container)
+        del self.containers[container["Id"]]
+        return 204, None
+
+    def _list_containers(self, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
+        filters = _parse_filters(query)
+        for key in filters:
+            if key not in {"label", "name", "id", "status"}:
+                raise EngineError(400, f"Invalid filter '{key}'")
+        show_all = query.get("all", ["0"])[0] in {"1", "true", "True"}
+        result = [
+            {
+                "Id": c["Id"],
+                "Names": [c["Name"]],
+                "Image": c["Config"]["Image"],
+                "Labels": c["Config"]["Labels"],
+                "State": c["State"]["Status"],
+            }
+            for c in reversed(self.containers.values())  # newest first, as dockerd lists them
+            if (show_all or c["State"]["Running"])
+            and _labels_match(c["Config"]["Labels"], filters.get("label", []))
+            and all(re.search(v, c["Name"]) for v in filters.get("name", []))
+            and all(c["Id"].startswith(v) for v in filters.get("id", []))
+            and all(v == c["State"]["Status"] for v in filters.get("status", []))
+        ]
+        return 200, result
+
+
+def _mount(bind: str) -> dict[str, Any]:
+    source, destination, *mode = bind.split(":")
+    return {"Type": "bind", "Source": source, "Destination": destination, "RW": "ro" not in mode}
+
 
 def _parse_filters(query: dict[str, list[str]]) -> dict[str, list[str]]:
     raw = json.loads(query.get("filters", ["{}"])[0] or "{}")
@@ -239,7 +393,10 @@ class _EngineAdapter(BaseAdapter):
         response.reason = http.HTTPStatus(status).phrase
         response.url = request.url or ""
         response.request = request
-        if isinstance(payload, str):
+        if isinstance(payload, bytes):
+            response._content = payload
+            response.headers["Content-Type"] = "application/vnd.docker.raw-stream"
+        elif isinstance(payload, str):
             response._content = payload.encode()
             response.headers["Content-Type"] = "text/plain; charset=utf-8"
         elif payload is not None:

@@ -50,3 +50,52 @@ def test_fake_docker_answers_like_the_real_engine(engine, slug):
     real = script(engine, slug, subnet)
     assert script(FakeDocker(), slug, subnet) == real
     assert real[1] == ("APIError", 409, f"network with name {slug}-a already exists")  # the script did check errors
+
+
+def container_script(client: docker.DockerClient, slug: str, subnet: str, image: str) -> list:
+    """Containers on a pinned IP: the calls bottle's launcher makes, and the errors it can meet."""
+    network = client.networks.create(
+        f"{slug}-n", ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet)]), labels={TEST_LABEL: slug}
+    )
+    ip = subnet.replace(".0/24", ".2")
+
+    def create(name, address):
+        endpoint = {network.name: client.api.create_endpoint_config(ipv4_address=address)}
+        return client.containers.create(
+            image, name=name, network=network.name, networking_config=endpoint, labels={TEST_LABEL: slug}
+        )
+
+    first = create(f"{slug}-a", ip)
+    first.start()
+    first.reload()
+    same_ip, elsewhere = create(f"{slug}-b", ip), create(f"{slug}-c", "10.255.254.2")
+    results = [
+        (first.status, first.labels, first.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]),
+        tuple(str(part).replace(first.id, "<id>") for part in outcome(lambda: create(f"{slug}-a", ip))),
+        outcome(lambda: client.containers.create("bottle-test-bundle:none", name=f"{slug}-x")),
+        outcome(same_ip.start),
+        outcome(elsewhere.start),
+        [(c.name, c.status) for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={slug}"})],
+        [c.name for c in client.containers.list(filters={"label": f"{TEST_LABEL}={slug}"})],
+        outcome(lambda: client.containers.list(filters={"colour": "red"})),
+        outcome(network.remove)[:2],
+        outcome(first.remove)[:2],
+        first.logs(tail=5),
+        outcome(lambda: client.images.get("bottle-test-bundle:none")),
+    ]
+    for container in (first, same_ip, elsewhere):
+        container.remove(force=True)
+    results.append(outcome(lambda: client.containers.get(f"{slug}-a")))
+    network.remove()
+    return results
+
+
+def test_fake_docker_containers_answer_like_the_real_engine(engine, slug, bundle_images):
+    taken = [s for n in engine.networks.list() for s in ipv4_subnets(n.attrs)] + host_routes()
+    subnet = str(derive_subnet(slug, DEFAULT_POOL, taken))
+    image = "bottle-test-bundle:mute"  # runs without listening; its logs are empty, as the fake's are
+    real = container_script(engine, slug, subnet, image)
+    fake = FakeDocker()
+    fake.engine.add_image(image)
+    assert container_script(fake, slug, subnet, image) == real
+    assert real[3] == ("APIError", 403, "Address already in use")

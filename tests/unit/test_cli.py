@@ -146,3 +146,25 @@ def test_python_dash_m_bottle_runs_the_same_cli(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().endswith("none.toml: no such file; pass -f PATH or start from examples/claude-code.toml")
+
+
+def test_up_on_an_unready_machine_names_every_problem_and_creates_nothing(capsys, fake, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    networks = set(fake.engine.networks)
+    code, _, err = run(capsys, "up", "-f", EXAMPLE, "--detach")
+    assert code == 1 and "- smolvm: 'smolvm' is not on PATH" in err
+    assert set(fake.engine.networks) == networks
+    assert not (tmp_path / "bottle-home").exists()
+
+
+def test_down_of_something_that_is_not_a_name_is_bad_input(capsys, fake):
+    code, out, err = run(capsys, "down", "!!!")
+    assert (code, out) == (2, "")
+    assert err == "bottle: '!!!' is not a bottle name: it must contain at least one ASCII letter or digit\n"
+
+
+def test_ls_and_gc_on_a_machine_with_no_bottles(capsys, fake, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no smolvm either: there can be no machines
+    assert run(capsys, "ls")[:2] == (0, "no bottles\n")
+    assert run(capsys, "ls", "--json")[:2] == (0, "[]\n")
+    assert run(capsys, "gc", "--dry-run")[:2] == (0, "nothing to collect\n")

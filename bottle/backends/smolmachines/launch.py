@@ -109,15 +109,10 @@ def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, undo
         raise StepFailed("bundle start", f"docker could not start the bundle: {exc.explanation}") from None
 
 
-def wait_until_ready(
-    client: docker.DockerClient,
-    plan: SmolmachinesBottlePlan,
-    timeout: float,
-    accepts: Callable[[str, int], bool] = _tcp_accepts,
-) -> None:
+def wait_until_ready(client: docker.DockerClient, plan: SmolmachinesBottlePlan, timeout: float) -> None:
     """Wait until the bundle accepts TCP connections on its proxy port, from the host, as the VM will."""
     deadline = time.monotonic() + timeout
-    while not accepts(str(plan.bundle_ip), PROXY_PORT):
+    while not _tcp_accepts(str(plan.bundle_ip), PROXY_PORT):
         container = client.containers.get(plan.bundle_container_name)
         if container.status not in {"created", "running"} or time.monotonic() > deadline:
             logs = container.logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
