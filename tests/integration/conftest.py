@@ -1,8 +1,6 @@
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -11,10 +9,9 @@ import pytest
 
 from bottle.backend import LABEL_SLUG
 from bottle.testing import fake_smolvm
+from bottle.testing.images import MUTE_IMAGE, READY_IMAGE, build_test_bundle
 
 TEST_LABEL = "bottle.test"  # on every resource a test makes itself, so a leak is findable
-READY_IMAGE = "bottle-test-bundle:ready"  # answers HTTP on 8888, as a bundle must
-MUTE_IMAGE = "bottle-test-bundle:mute"  # runs, but never listens: a bundle that never gets ready
 
 
 @pytest.fixture(scope="session")
@@ -28,30 +25,13 @@ def engine() -> docker.DockerClient:
     return client
 
 
-def _build_busybox_image(client: docker.DockerClient, tag: str, cmd: list[str]) -> None:
-    """Build a tiny image from the host's static busybox (no registry needed); cached by tag."""
-    try:
-        client.images.get(tag)
-        return
-    except docker.errors.ImageNotFound:
-        pass
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.fail("integration tests need a static busybox on PATH: apt-get install busybox-static")
-    with tempfile.TemporaryDirectory() as context:
-        shutil.copy(busybox, Path(context) / "busybox")
-        (Path(context) / "Dockerfile").write_text(
-            "FROM scratch\nCOPY busybox /bin/busybox\n"
-            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\nRUN ["/bin/busybox", "mkdir", "-p", "/www"]\n'
-            f"CMD {cmd!r}\n".replace("'", '"')
-        )
-        client.images.build(path=context, tag=tag, labels={TEST_LABEL: "image"}, rm=True)
-
-
 @pytest.fixture(scope="session")
 def bundle_images(engine) -> None:
-    _build_busybox_image(engine, READY_IMAGE, ["/bin/busybox", "httpd", "-f", "-p", "8888", "-h", "/www"])
-    _build_busybox_image(engine, MUTE_IMAGE, ["/bin/busybox", "sleep", "3600"])
+    try:
+        build_test_bundle(engine, READY_IMAGE)
+        build_test_bundle(engine, MUTE_IMAGE)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def _sweep(client: docker.DockerClient, label: str) -> None:

@@ -1,0 +1,161 @@
+"""Figures for the bottle lifecycle against the real Docker Engine and the fake smolvm.
+
+Run: .venv/bin/python benchmarks/lifecycle.py [--rounds N]
+
+1. `up --detach` + `down` (in-process, the same code the CLI runs) against the bare Docker SDK calls
+   it makes (network create, container create + start at a pinned IP, wait for the port, remove
+   both), as a ratio measured in the same run, rounds interleaved. The fake smolvm's own calls are
+   part of bottle's time; real smolvm would add its boot time on top.
+2. `ls` (the inventory behind it) with 0, 50 and 200 bottles up.
+
+Needs a static busybox on PATH for the stand-in bundle image (apt-get install busybox-static).
+Everything it creates is labelled and removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import docker
+from docker.types import IPAMConfig, IPAMPool
+
+from bottle.backend import LABEL_SLUG, PreflightReport
+from bottle.backends.smolmachines import SmolmachinesBackend
+from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.backends.smolmachines.smolvm import Smolvm
+from bottle.manifest import parse_manifest
+from bottle.state import StateStore
+from bottle.testing import fake_smolvm
+from bottle.testing.images import READY_IMAGE, build_test_bundle
+
+REPORT = PreflightReport(backend="smolmachines", checks=[], facts={"smolvm_version": "0.8.0"})
+
+
+def manifest(name: str):
+    return parse_manifest({"name": name, "agent": {"image": "node:22"}, "bundle": {"image": READY_IMAGE}})
+
+
+def quiet(step: str, detail: str) -> None:
+    pass
+
+
+def bare_sdk_round(client: docker.DockerClient, name: str) -> float:
+    """What `up` + `down` do in docker, without bottle: create, run at a pinned IP, wait, remove."""
+    taken = [s for n in client.networks.list() for s in ipv4_subnets(n.attrs)] + host_routes()
+    subnet = derive_subnet(name, DEFAULT_POOL, taken)
+    ip = str(subnet.network_address + 2)
+    start = time.perf_counter()
+    ipam = IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=str(subnet.network_address + 1))])
+    network = client.networks.create(name, driver="bridge", ipam=ipam, labels={"bottle.test": "bench"})
+    endpoint = {name: client.api.create_endpoint_config(ipv4_address=ip)}
+    container = client.containers.create(
+        READY_IMAGE, name=name, network=name, networking_config=endpoint, labels={"bottle.test": "bench"}
+    )
+    container.start()
+    while True:
+        try:
+            socket.create_connection((ip, 8888), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    container.remove(force=True)
+    network.remove()
+    return time.perf_counter() - start
+
+
+SMOLVM_SECONDS = [0.0]  # time spent inside smolvm calls (here the fake, a Python process per call)
+_real_run = Smolvm._run
+
+
+def _timed_run(self, *args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return _real_run(self, *args, **kwargs)
+    finally:
+        SMOLVM_SECONDS[0] += time.perf_counter() - start
+
+
+Smolvm._run = _timed_run
+
+
+def bottle_round(client, backend, state, name: str) -> tuple[float, float]:
+    """Seconds for up + down, and the part of them spent waiting on smolvm."""
+    SMOLVM_SECONDS[0] = 0.0
+    start = time.perf_counter()
+    backend.up(manifest(name), docker=client, state=state, preflight=REPORT, on_step=quiet)
+    backend.down(name, docker=client, state=state)
+    return time.perf_counter() - start, SMOLVM_SECONDS[0]
+
+
+def lifecycle_ratio(client, backend, state, rounds: int, run: str) -> None:
+    backend.up(manifest(f"warm-{run}"), docker=client, state=state, preflight=REPORT, on_step=quiet)  # packs once
+    backend.down(f"warm-{run}", docker=client, state=state)
+    bare, ours, docker_side = [], [], []
+    for i in range(rounds):
+        bare.append(bare_sdk_round(client, f"bench-bare-{run}-{i}"))
+        total, in_smolvm = bottle_round(client, backend, state, f"bench-{run}-{i}")
+        ours.append(total)
+        docker_side.append(total - in_smolvm)
+    b, o, d = (statistics.median(x) * 1000 for x in (bare, ours, docker_side))
+    print(f"up --detach + down, median of {rounds}: bare SDK {b:.0f} ms, bottle {o:.0f} ms (x{o / b:.2f}); "
+          f"bottle without its smolvm calls {d:.0f} ms (x{d / b:.2f})")
+
+
+def ls_scaling(client, backend, state, run: str) -> None:
+    print("ls (inventory) with N bottles up, median of 5; ratio to 0 bottles")
+    made: list[str] = []
+    baseline = None
+    for count in (0, 50, 200):
+        names = [f"ls-{run}-{i}" for i in range(len(made), count)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: backend.up(manifest(n), docker=client, state=state, preflight=REPORT,
+                                               on_step=quiet), names))
+        made += names
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            found = backend.inventory(docker=client, state=state)
+            samples.append(time.perf_counter() - start)
+        assert len(found) == count, (len(found), count)
+        ms = statistics.median(samples) * 1000
+        baseline = baseline or ms
+        print(f"  {count:>4} bottles: {ms:8.1f} ms   x{ms / baseline:5.1f}")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: backend.down(n, docker=client, state=state), made))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    client = docker.from_env()
+    build_test_bundle(client, READY_IMAGE)
+    run = uuid.uuid4().hex[:6]
+    with tempfile.TemporaryDirectory() as tmp:
+        fake_smolvm.install(Path(tmp) / "bin", Path(tmp) / "smolvm")
+        os.environ["PATH"] = f"{Path(tmp) / 'bin'}{os.pathsep}{os.environ['PATH']}"
+        state = StateStore(Path(tmp) / "home")
+        backend = SmolmachinesBackend()
+        try:
+            lifecycle_ratio(client, backend, state, args.rounds, run)
+            ls_scaling(client, backend, state, run)
+        finally:
+            for label in ("bottle.test=bench", LABEL_SLUG):
+                for container in client.containers.list(all=True, filters={"label": label}):
+                    if run in container.name:
+                        container.remove(force=True)
+                for network in client.networks.list(filters={"label": label}):
+                    if run in network.name:
+                        network.remove()
+
+
+if __name__ == "__main__":
+    main()
