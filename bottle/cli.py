@@ -38,8 +38,17 @@ def docker_client() -> docker.DockerClient:
         ) from None
 
 
-def _backend_for(manifest: Manifest) -> Backend:
-    return registry.load(manifest.backend)()
+def _load(manifest_path: Path) -> tuple[Manifest, Backend, docker.DockerClient, PreflightReport]:
+    """The manifest, its backend, a Docker client, and the backend's preflight report."""
+    manifest = load_manifest(manifest_path)
+    backend = registry.load(manifest.backend)()
+    client = docker_client()
+    return manifest, backend, client, backend.preflight(docker=client)
+
+
+def _ready(backend: Backend, report: PreflightReport) -> None:
+    if not report.ok:
+        raise PreflightFailed(backend.name, report.problems)
 
 
 def _echo_plan(plan: BottlePlan, as_json: bool) -> None:
@@ -79,10 +88,7 @@ def cli(debug: bool) -> None:
 @json_option
 def plan(manifest_path: Path, as_json: bool) -> None:
     """Show the plan `prepare` would make, without creating anything."""
-    manifest = load_manifest(manifest_path)
-    backend = _backend_for(manifest)
-    client = docker_client()
-    report = backend.preflight(docker=client)
+    manifest, backend, client, report = _load(manifest_path)
     result = backend.plan(manifest, docker=client, state=StateStore(), preflight=report)
     _echo_plan(result, as_json)
     if not report.ok:
@@ -94,12 +100,8 @@ def plan(manifest_path: Path, as_json: bool) -> None:
 @json_option
 def prepare(manifest_path: Path, as_json: bool) -> None:
     """Check this machine, create the bottle's network and Smolfile, and save its plan."""
-    manifest = load_manifest(manifest_path)
-    backend = _backend_for(manifest)
-    client = docker_client()
-    report = backend.preflight(docker=client)
-    if not report.ok:
-        raise PreflightFailed(backend.name, report.problems)
+    manifest, backend, client, report = _load(manifest_path)
+    _ready(backend, report)
     state = StateStore()
     result = backend.prepare(manifest, docker=client, state=state, preflight=report)
     path = state.save_plan(result)
@@ -131,12 +133,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
 @click.option("--repack", is_flag=True, help="Pack the agent image again even if a cached artifact exists.")
 def up(manifest_path: Path, detach: bool, repack: bool) -> None:
     """Start the bottle (bundle, then VM) and attach to the agent; attach if it is already up."""
-    manifest = load_manifest(manifest_path)
-    backend = _backend_for(manifest)
-    client = docker_client()
-    report = backend.preflight(docker=client)
-    if not report.ok:
-        raise PreflightFailed(backend.name, report.problems)
+    manifest, backend, client, report = _load(manifest_path)
+    _ready(backend, report)
     state = StateStore()
 
     def waiting() -> None:
