@@ -7,10 +7,20 @@ import hashlib
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from bottle.bundle.policy import Rule
 from bottle.errors import ManifestError
 
 SLUG_MAX = 40
@@ -61,14 +71,18 @@ def _check_image(image: str) -> str:
     return image
 
 
-def _check_host_rule(rule: str) -> str:
-    rule = rule.lower()
+def _allow_rule(value: object) -> object:
+    """`"host"`, `"*.suffix"` or either with `":port"`, as shorthand for a rule table."""
+    if not isinstance(value, str):
+        return value
+    rule = value.lower()
     match = _HOST_RULE.fullmatch(rule)
     if not match:
-        raise ValueError(f"'{rule}' must be a host name, '*.suffix' wildcard, each with an optional ':port'")
+        raise ValueError(f"'{value}' must be a host name, '*.suffix' wildcard, each with an optional ':port'")
     if match["port"] and not 0 < int(match["port"]) < 65536:
-        raise ValueError(f"'{rule}' has a port outside 1-65535")
-    return rule
+        raise ValueError(f"'{value}' has a port outside 1-65535")
+    host = rule.rsplit(":", 1)[0] if match["port"] else rule
+    return {"host": host, "ports": [int(match["port"])]} if match["port"] else {"host": host}
 
 
 def _is_credential_like(key: str, value: str) -> bool:
@@ -109,10 +123,40 @@ class AgentConfig(_Strict):
         return dict(sorted(env.items()))
 
 
-class EgressConfig(_Strict):
-    """`[egress]`: the hosts the bundle's proxy lets the agent reach."""
+class CredentialConfig(_Strict):
+    """`[[egress.credentials]]`: a header the bundle adds for one host, its secret read on the host."""
 
-    allow: list[Annotated[str, AfterValidator(_check_host_rule)]] = Field(default_factory=list)
+    host: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    header: str = Field(pattern=r"^[A-Za-z0-9-]+$")
+    template: str = "{secret}"
+    from_env: str | None = None
+    from_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CredentialConfig:
+        if (self.from_env is None) == (self.from_file is None):
+            raise ValueError(f"credential for {self.host} needs exactly one of from_env or from_file")
+        if "{secret}" not in self.template:
+            raise ValueError(f"credential for {self.host}: template must contain {{secret}}")
+        return self
+
+
+class EgressConfig(_Strict):
+    """`[egress]`: the hosts the bundle's proxy lets the agent reach, and the credentials it adds."""
+
+    allow: list[Annotated[Rule, BeforeValidator(_allow_rule)]] = Field(default_factory=list)
+    credentials: list[CredentialConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _credentials_need_an_intercepted_rule(self) -> EgressConfig:
+        for credential in self.credentials:
+            rule = next((r for r in self.allow if r.matches(credential.host)), None)
+            if rule is None or not rule.intercept:
+                raise ValueError(
+                    f"credential for {credential.host}: no allow rule with interception covers that host, "
+                    "so the bundle could never add the header"
+                )
+        return self
 
 
 class BundleConfig(_Strict):
@@ -135,14 +179,21 @@ class Manifest(_Strict):
         return slugify(self.name)
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds, looking through list[...] and Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+
+
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Manifest
+    model: type[BaseModel] | None = Manifest
     for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return []
-        model = field.annotation
-    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+    return sorted(model.model_fields) if model else []
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -4,10 +4,12 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,7 +101,50 @@ def test_machine_flags_carry_exactly_the_smolfile(engine, slug, smolvm_state, ho
     assert (machine["env"], machine["allow_cidrs"]) == (smolfile["env"], smolfile["network"]["allow_cidrs"])
     create = [c for c in fake_smolvm.calls(smolvm_state) if c[:2] == ["machine", "create"]]
     assert len(create) == 1 and "--smolfile" not in create[0] and "--from" in create[0]
+    guest = home / "bottles" / slug / "guest"
+    assert machine["volumes"] == [f"{guest}:/etc/bottle:ro"]
+    assert sorted(p.name for p in guest.iterdir()) == ["ca.pem"]  # the certificate, never the key
+    assert "PRIVATE KEY" not in (guest / "ca.pem").read_text()
     bottle("down", slug)
+
+
+def test_secrets_reach_the_bundle_and_nothing_else(engine, slug, smolvm_state, home, write_manifest, tmp_path):
+    manifest = write_manifest()
+    manifest.write_text(
+        manifest.read_text().replace(
+            "[bundle]",
+            '[[egress.credentials]]\nhost = "api.anthropic.com"\nheader = "x-api-key"\nfrom_env = "IT_SECRET"\n[bundle]',
+        )
+    )
+    secret = f"sk-ant-it-{uuid.uuid4().hex}"
+    result = bottle("up", "-f", str(manifest), "--detach", env={"IT_SECRET": secret})
+    assert result.returncode == 0, result.stderr
+    bottle_dir = home / "bottles" / slug
+    secrets_file = bottle_dir / "bundle" / "secrets.json"
+    assert json.loads(secrets_file.read_text()) == {"credential-0": secret}
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    elsewhere = [bottle_dir / "plan.json", bottle_dir / "Smolfile", bottle_dir / "bundle" / "config.json",
+                 smolvm_state / "machines.json", smolvm_state / "calls.jsonl"]  # fmt: skip
+    for path in elsewhere:
+        assert secret not in path.read_text(), path
+    container = engine.containers.get(f"bottle-{slug}-bundle")
+    assert secret not in json.dumps(container.attrs)
+    assert secret not in result.stdout + result.stderr
+    bottle("down", slug)
+
+
+def test_a_missing_secret_is_named_and_leaves_nothing(engine, slug, smolvm_state, home, write_manifest):
+    manifest = write_manifest()
+    manifest.write_text(
+        manifest.read_text().replace(
+            "[bundle]",
+            '[[egress.credentials]]\nhost = "api.anthropic.com"\nheader = "x-api-key"\nfrom_env = "IT_UNSET"\n[bundle]',
+        )
+    )
+    result = bottle("up", "-f", str(manifest), "--detach", env={"IT_UNSET": ""})
+    assert result.returncode == 1
+    assert "step 'secrets' failed: credential for api.anthropic.com: $IT_UNSET is not set or empty" in result.stderr
+    assert leftovers(engine, slug, smolvm_state, home) == {}
 
 
 def test_a_second_up_adopts_and_attaches(engine, slug, smolvm_state, home, write_manifest):

@@ -24,7 +24,7 @@ def test_the_shipped_example_is_a_valid_manifest():
     manifest = load_manifest(EXAMPLE)
     assert manifest.name == "claude-code"
     assert manifest.backend == "smolmachines"
-    assert "api.anthropic.com" in manifest.egress.allow
+    assert "api.anthropic.com" in [rule.host for rule in manifest.egress.allow]
 
 
 def test_defaults_fill_what_a_minimal_manifest_leaves_out():
@@ -114,9 +114,50 @@ def test_agent_env_is_sorted():
     assert list(manifest.agent.env) == ["A", "B"]
 
 
-@pytest.mark.parametrize("rule", ["example.com", "*.example.com", "api.example.com:8443", "EXAMPLE.com"])
-def test_egress_rules_accept_hosts_wildcards_and_ports(rule):
-    assert parse_manifest(minimal(egress={"allow": [rule]})).egress.allow == [rule.lower()]
+@pytest.mark.parametrize(
+    ("rule", "host", "ports"),
+    [
+        ("example.com", "example.com", [443, 80]),
+        ("*.example.com", "*.example.com", [443, 80]),
+        ("api.example.com:8443", "api.example.com", [8443]),
+        ("EXAMPLE.com", "example.com", [443, 80]),
+        ({"host": "git.internal", "ports": [22]}, "git.internal", [22]),
+    ],
+)
+def test_egress_rules_accept_hosts_wildcards_and_ports(rule, host, ports):
+    [parsed] = parse_manifest(minimal(egress={"allow": [rule]})).egress.allow
+    assert (parsed.host, parsed.ports) == (host, ports)
+
+
+def test_egress_rules_can_opt_in_private_cidrs_and_skip_interception():
+    rule = {"host": "git.internal", "cidrs": ["10.1.0.0/16"], "intercept": False}
+    [parsed] = parse_manifest(minimal(egress={"allow": [rule]})).egress.allow
+    assert (str(parsed.cidrs[0]), parsed.intercept) == ("10.1.0.0/16", False)
+    assert "only private CIDRs can be opted in" in error_of(minimal(egress={"allow": [{"host": "x.com", "cidrs": ["8.8.8.0/24"]}]}))
+    assert error_of(minimal(egress={"allow": [{"host": "x.com", "colour": 1}]})) == (
+        "b.toml: egress.allow.0.colour: unknown key; allowed here: cidrs, host, intercept, ports"
+    )
+
+
+def credential(**overrides):
+    return {"host": "api.example.com", "header": "x-api-key", "from_env": "EXAMPLE_KEY"} | overrides
+
+
+def test_credentials_name_a_host_side_source_never_a_value():
+    manifest = parse_manifest(minimal(egress={"allow": ["api.example.com"], "credentials": [credential()]}))
+    assert manifest.egress.credentials[0].from_env == "EXAMPLE_KEY"
+    assert "needs exactly one of from_env or from_file" in error_of(
+        minimal(egress={"allow": ["api.example.com"], "credentials": [credential(from_file="/k")]})
+    )
+    assert "unknown key" in error_of(
+        minimal(egress={"allow": ["api.example.com"], "credentials": [credential(value="sk-live")]})
+    )
+
+
+def test_a_credential_must_be_for_an_intercepted_allowed_host():
+    for allow in (["other.example.com"], [{"host": "api.example.com", "intercept": False}]):
+        message = error_of(minimal(egress={"allow": allow, "credentials": [credential()]}))
+        assert "no allow rule with interception covers that host" in message
 
 
 @pytest.mark.parametrize("rule", ["http://example.com", "exa mple.com", "*", "a.*.com", "x.com:0", "x.com:70000"])

@@ -22,7 +22,7 @@ from docker.models.containers import Container
 from bottle.backend import LABEL_BACKEND, LABEL_MANAGED, LABEL_SLUG, BottleStatus, labels
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
-from bottle.backends.smolmachines.prepare import BACKEND, prepare_parts, resource_name
+from bottle.backends.smolmachines.prepare import BACKEND, GUEST_DIR, prepare_parts, resource_name, secret_name
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.errors import BottleError, StepFailed
 from bottle.manifest import Manifest
@@ -54,6 +54,26 @@ class Undo:
         finally:
             signal.signal(signal.SIGINT, previous)
         return failed
+
+
+def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan) -> None:
+    """Read each credential's secret on the host and hand it to the bundle only (0600, never to the VM)."""
+    secrets = {}
+    for index, credential in enumerate(manifest.egress.credentials):
+        if credential.from_env is not None:
+            value = os.environ.get(credential.from_env)
+            source = f"${credential.from_env}"
+        else:
+            path = Path(credential.from_file or "").expanduser()
+            source = str(path)
+            try:
+                value = path.read_text().strip()
+            except OSError as exc:
+                raise StepFailed("secrets", f"credential for {credential.host}: cannot read {source} ({exc.strerror})")
+        if not value:
+            raise StepFailed("secrets", f"credential for {credential.host}: {source} is not set or empty")
+        secrets[secret_name(index)] = value
+    write_private(plan.bundle_dir / "secrets.json", json.dumps(secrets).encode())
 
 
 def _tcp_accepts(ip: str, port: int) -> bool:
@@ -98,6 +118,10 @@ def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, undo
         network=plan.network_name,
         networking_config={plan.network_name: endpoint},
         volumes={str(plan.bundle_dir): {"bind": "/etc/bottle", "mode": "ro"}},
+        user=f"{os.getuid()}:{os.getgid()}",  # the owner of the 0600 config, CA and secrets it reads
+        environment={"HOME": "/tmp"},
+        read_only=True,
+        tmpfs={"/tmp": "size=64m,mode=1777"},
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
         restart_policy={"Name": "unless-stopped"},
@@ -156,7 +180,8 @@ def ensure_machine(smolvm: Smolvm, plan: SmolmachinesBottlePlan, undo: Undo, on_
     if existing is None:
         on_step("machine create", f"{plan.machine_name}, allowed to reach {plan.allow_cidr} only")
         data = smolfile.build(plan.agent_env, plan.bundle_ip)
-        smolvm.create(plan.machine_name, plan.artifact_path, smolfile.flags(data))
+        guest = ["--volume", f"{plan.guest_dir}:{GUEST_DIR}:ro"]  # the bundle's CA certificate, nothing else
+        smolvm.create(plan.machine_name, plan.artifact_path, smolfile.flags(data) + guest)
         undo.push(f"machine {plan.machine_name}", lambda: smolvm.delete(plan.machine_name))
     if existing is None or existing.get("state") != "running":
         on_step("machine start", plan.machine_name)
@@ -196,6 +221,7 @@ def up(
             undo.push(f"network {network.name}", network.remove)
         state.save_plan(plan)
         on_step("network", f"{plan.network_name} {plan.bundle_subnet}")
+        _step("secrets", lambda: write_secrets(manifest, plan))
         _step("bundle start", lambda: start_bundle(client, plan, undo))
         on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
         _step("bundle ready", lambda: wait_until_ready(client, plan, ready_timeout))

@@ -23,7 +23,8 @@ class SmolmachinesBottlePlan(BottlePlan):
     bundle_container_name: str
     bundle_image: str
     smolfile_path: Path
-    bundle_dir: Path  # the bundle's config and CA, mounted read-only into the bundle container
+    bundle_dir: Path  # the bundle's config, CA and secrets, mounted read-only into the bundle container
+    guest_dir: Path  # the CA certificate alone, mounted read-only into the VM
     artifact_path: Path
     machine_name: str
     agent_image: str

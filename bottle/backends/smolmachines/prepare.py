@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 
@@ -15,6 +14,8 @@ from bottle.backend import LABEL_BACKEND, LABEL_SLUG, labels
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
+from bottle.bundle.ca import CA_FILE, create_ca
+from bottle.bundle.policy import BundleConfig, Credential
 from bottle.errors import DockerProblem, UsageError
 from bottle.manifest import Manifest
 from bottle.state import StateStore, make_private_dir, write_private
@@ -22,7 +23,8 @@ from bottle.state import StateStore, make_private_dir, write_private
 BACKEND = "smolmachines"
 SMOLFILE = "Smolfile"
 BUNDLE_CONFIG = "config.json"  # in the bundle directory, mounted read-only at /etc/bottle in the bundle
-GUEST_CA_PATH = "/etc/bottle/ca.pem"  # where the bundle's CA certificate sits inside the VM
+GUEST_DIR = "/etc/bottle"  # the guest directory (`plan.guest_dir`) is mounted here in the VM, read-only
+GUEST_CA_PATH = f"{GUEST_DIR}/ca.pem"  # the bundle's CA certificate, inside the VM
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays inside the VM; everything else goes to the bundle
 CREATE_ATTEMPTS = 5
 
@@ -40,9 +42,33 @@ def agent_env(env: Mapping[str, str], bundle_ip: IPv4Address) -> dict[str, str]:
     return dict(sorted(merged.items()))
 
 
-def bundle_config(manifest: Manifest) -> bytes:
-    """The bundle's policy, rendered from the manifest: which hosts its proxy may reach."""
-    return json.dumps({"port": PROXY_PORT, "allow": manifest.egress.allow}, indent=2).encode() + b"\n"
+def bundle_config(manifest: Manifest, addresses: Addresses) -> bytes:
+    """The bundle's policy, rendered from the manifest; credentials name their secrets, never hold them."""
+    config = BundleConfig(
+        port=PROXY_PORT,
+        allow=manifest.egress.allow,
+        credentials=[
+            Credential(host=c.host, header=c.header, template=c.template, secret=secret_name(i))
+            for i, c in enumerate(manifest.egress.credentials)
+        ],
+        refuse=[addresses.subnet, IPv4Network(f"{addresses.gateway}/32")],
+    )
+    return config.model_dump_json(indent=2).encode() + b"\n"
+
+
+def secret_name(index: int) -> str:
+    return f"credential-{index}"
+
+
+def ensure_ca(plan: SmolmachinesBottlePlan) -> None:
+    """Create the bottle's CA once: key and cert for the bundle (0600), the cert alone for the VM."""
+    ca_file = plan.bundle_dir / "ca" / CA_FILE
+    if ca_file.exists():
+        return
+    key_pem, cert_pem = create_ca(f"bottle {plan.slug} CA")
+    guest_dir = make_private_dir(plan.guest_dir)
+    write_private(make_private_dir(ca_file.parent) / CA_FILE, key_pem + cert_pem)
+    write_private(guest_dir / "ca.pem", cert_pem)
 
 
 def survey(client: docker.DockerClient, slug: str) -> tuple[Network | None, list[IPv4Network]]:
@@ -97,6 +123,7 @@ def build_plan(
         bundle_image=manifest.bundle.image,
         smolfile_path=state.bottle_dir(slug) / SMOLFILE,
         bundle_dir=state.bottle_dir(slug) / "bundle",
+        guest_dir=state.bottle_dir(slug) / "guest",
         artifact_path=state.cache_dir() / "artifacts" / f"{image_key}.smolmachine",
         machine_name=resource_name(slug),
         agent_image=manifest.agent.image,
@@ -164,7 +191,8 @@ def prepare_parts(
         result = build_plan(manifest, adopted_addresses(network), network.id, state, smolvm_version)
         make_private_dir(result.bundle_dir)
         smolfile.write(result.smolfile_path, smolfile.build(result.agent_env, result.bundle_ip))
-        write_private(result.bundle_dir / BUNDLE_CONFIG, bundle_config(manifest))
+        write_private(result.bundle_dir / BUNDLE_CONFIG, bundle_config(manifest, adopted_addresses(network)))
+        ensure_ca(result)
     except BaseException:
         if created:
             network.remove()

@@ -1,0 +1,1 @@
+"""The bundle: the egress proxy sidecar, a bottle's only way out."""

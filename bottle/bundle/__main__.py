@@ -1,0 +1,84 @@
+"""The bundle's entry point: validate the config, then serve the proxy on its port until stopped.
+
+A config, secret or CA that does not load stops the bundle with one line on stderr; it never starts
+with a partial or permissive policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink
+from bottle.bundle.ca import CA_FILE
+from bottle.bundle.policy import BundleConfig, Policy, Resolver, resolve
+
+CONFIG_DIR = Path(os.environ.get("BOTTLE_BUNDLE_DIR", "/etc/bottle"))
+
+
+def load_secrets(path: Path, config: BundleConfig) -> dict[str, str]:
+    """The secrets file (name -> value); every secret a credential names must be in it."""
+    needed = {c.secret for c in config.credentials}
+    if not needed:
+        return {}
+    try:
+        secrets = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the bundle's secrets {path}: {exc}") from None
+    missing = sorted(needed - set(secrets))
+    if missing:
+        raise ValueError(f"the bundle's secrets file has no value for {', '.join(missing)}")
+    return {name: str(secrets[name]) for name in needed}
+
+
+async def serve(
+    config: BundleConfig,
+    secrets: dict[str, str],
+    ca_file: Path,
+    *,
+    listen_host: str = "0.0.0.0",
+    resolver: Resolver = resolve,
+    audit: AuditSink = stdout_sink,
+    upstream_ca: Path | None = None,
+    started: threading.Event | None = None,
+) -> None:
+    """Run the proxy with bottle's policy until cancelled. `upstream_ca` is for tests' private servers."""
+    from mitmproxy import options
+    from mitmproxy.tools.dump import DumpMaster
+
+    with tempfile.TemporaryDirectory(prefix="bottle-bundle-") as confdir:
+        shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
+        opts = options.Options(listen_host=listen_host, listen_port=config.port, confdir=confdir)
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master.options.update(connection_strategy="lazy", termlog_verbosity="warn")
+        if upstream_ca is not None:
+            master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
+        master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
+        if started is not None:
+            asyncio.get_running_loop().call_later(0.5, started.set)
+        await master.run()
+
+
+def main() -> int:
+    try:
+        config = BundleConfig.load(CONFIG_DIR / "config.json")
+        secrets = load_secrets(CONFIG_DIR / "secrets.json", config)
+        ca_file = CONFIG_DIR / "ca" / CA_FILE
+        if not ca_file.is_file():
+            raise ValueError(f"the bundle's CA {ca_file} is missing; run `bottle prepare` again")
+    except ValueError as exc:
+        print(f"bottle-bundle: {exc}; refusing to start", file=sys.stderr)
+        return 2
+    print(f"bottle-bundle: serving on :{config.port} with {len(config.allow)} allow rules", file=sys.stderr)
+    asyncio.run(serve(config, secrets, ca_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The bundle's egress policy: which destinations the agent may reach, decided without any socket.
+
+The config is rendered by `prepare` on the host and loaded (and validated) by the bundle; a config
+that does not validate stops the bundle, it never falls back to allowing everything. A request is
+allowed only when its host matches an allow rule on an allowed port *and* every address the host
+resolves to is public, or inside a private CIDR that rule opts in. Loopback, link-local (cloud
+metadata included), the bottle's own subnet and its docker gateway are refused whatever the rules say.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], list[IPAddress]]
+
+# Never reachable through the bundle, whatever a rule opts in.
+NEVER = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "fe80::/10", "ff00::/8",
+    )
+]  # fmt: skip
+# Private ranges a rule may opt a CIDR inside of.
+OPT_IN_ALLOWED = [
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+]
+
+
+def _host(value: str) -> str:
+    host = value.strip().lower().rstrip(".")
+    bare = host[2:] if host.startswith("*.") else host
+    if not bare or "*" in bare or any(not label for label in bare.split(".")):
+        raise ValueError(f"'{value}' is not a host name or '*.suffix' wildcard")
+    return host
+
+
+def _opt_in(network: IPNetwork) -> IPNetwork:
+    if not any(network.subnet_of(allowed) for allowed in OPT_IN_ALLOWED if allowed.version == network.version):
+        raise ValueError(f"{network} is not inside a private range; only private CIDRs can be opted in")
+    return network
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Frozen):
+    """One allowed destination: a host or `*.suffix`, its ports, and private CIDRs it may resolve into."""
+
+    host: Host
+    ports: list[Annotated[int, Field(gt=0, lt=65536)]] = Field(default_factory=lambda: [443, 80], min_length=1)
+    cidrs: list[Annotated[IPNetwork, AfterValidator(_opt_in)]] = Field(default_factory=list)
+    intercept: bool = True  # False: CONNECT is tunnelled without TLS interception (no injection, less audit)
+
+    def matches(self, host: str) -> bool:
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:])
+        return host == self.host
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{','.join(map(str, self.ports))}"
+
+
+class Credential(_Frozen):
+    """A header the bundle adds to every request to `host`; the value is `template` with the secret in it."""
+
+    host: Host
+    header: str = Field(pattern=r"^[A-Za-z0-9-]+$")
+    template: str = "{secret}"
+    secret: str  # the name of the secret in the bundle's secrets file, never the value
+
+
+class BundleConfig(_Frozen):
+    """/etc/bottle/config.json in the bundle."""
+
+    format: Literal[1] = 1
+    port: int = 8888
+    allow: list[Rule] = Field(default_factory=list)
+    credentials: list[Credential] = Field(default_factory=list)
+    refuse: list[IPNetwork] = Field(default_factory=list)  # the bottle's own subnet and gateway
+
+    @classmethod
+    def load(cls, path: Path) -> BundleConfig:
+        """Load and validate; any problem is a ValueError with one line saying what is wrong."""
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except OSError as exc:
+            raise ValueError(f"cannot read the bundle config {path}: {exc.strerror}") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ValueError(f"invalid bundle config {path}: {where}: {first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str  # the rule that allowed it, or why nothing did ("no rule", "refused address")
+    reason: str  # one sentence for the 403 body and the audit log
+    address: IPAddress | None = None  # where to connect: an address that was checked, never re-resolved
+    intercept: bool = True
+
+
+def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to (an IP literal resolves to itself)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+
+
+class Policy:
+    """Decides requests against a BundleConfig; `resolver` is injectable so tests need no DNS."""
+
+    def __init__(self, config: BundleConfig, resolver: Resolver = resolve):
+        self.config = config
+        self.resolver = resolver
+
+    def rule_for(self, host: str) -> Rule | None:
+        return next((r for r in self.config.allow if r.matches(host)), None)
+
+    def decide(self, host: str, port: int) -> Decision:
+        """Allow `host:port` only if a rule names it and every address it resolves to may be reached."""
+        host = host.lower().rstrip(".")
+        rule = self.rule_for(host)
+        if rule is None:
+            return Decision(False, "no rule", f"{host} is not on this bottle's egress allowlist")
+        if port not in rule.ports:
+            return Decision(False, rule.label, f"{host} is allowed on ports {rule.ports} only, not {port}")
+        try:
+            addresses = self.resolver(host, port)
+        except (OSError, ValueError) as exc:
+            return Decision(False, rule.label, f"{host} does not resolve ({exc})")
+        if not addresses:
+            return Decision(False, rule.label, f"{host} does not resolve")
+        for address in addresses:
+            refusal = self._refusal(address, rule)
+            if refusal:
+                return Decision(False, rule.label, f"{host} resolves to {address}, {refusal}")
+        return Decision(True, rule.label, f"{host} is allowed by {rule.label}", addresses[0], rule.intercept)
+
+    def _refusal(self, address: IPAddress, rule: Rule) -> str | None:
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if any(address in n for n in NEVER if n.version == address.version):
+            return "a loopback, link-local or reserved address the bundle never connects to"
+        if any(address in n for n in self.config.refuse if n.version == address.version):
+            return "the bottle's own network, which the bundle never connects to"
+        if address.is_global or any(address in n for n in rule.cidrs if n.version == address.version):
+            return None
+        return "a private address this rule does not opt in (add it to the rule's cidrs to allow it)"
+
+    def headers_for(self, host: str, secrets: dict[str, str]) -> dict[str, str]:
+        """The headers to inject for `host` (exact match only), with the secrets filled in."""
+        host = host.lower().rstrip(".")
+        return {
+            c.header: c.template.replace("{secret}", secrets[c.secret])
+            for c in self.config.credentials
+            if c.host == host
+        }
+
+
+def redact_query(path: str) -> str:
+    """The path with every query value replaced, so tokens in URLs never reach the audit log."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    names = [(p.split("=", 1)[0], "=" in p) for p in query.split("&")]
+    return base + "?" + "&".join(name + ("=REDACTED" if has_value else "") for name, has_value in names)

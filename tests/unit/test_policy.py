@@ -1,0 +1,112 @@
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from bottle.bundle.policy import BundleConfig, Policy, Rule, redact_query
+
+PUBLIC = ip_address("93.184.216.34")
+
+
+def policy(rules, dns=None, refuse=("192.168.38.0/24",), credentials=()):
+    config = BundleConfig(allow=rules, refuse=[ip_network(n) for n in refuse], credentials=list(credentials))
+    table = {"api.example.com": [PUBLIC], "a.b.example.org": [PUBLIC], "example.org": [PUBLIC]} | (dns or {})
+
+    def resolver(host, port):
+        if host not in table:
+            raise OSError("Name or service not known")
+        return [ip_address(a) for a in table[host]]
+
+    return Policy(config, resolver)
+
+
+def test_exact_host_on_default_ports_is_allowed_and_pinned_to_the_checked_address():
+    decision = policy([Rule(host="api.example.com")]).decide("API.example.com.", 443)
+    assert decision.allowed and decision.address == PUBLIC and decision.rule == "api.example.com:443,80"
+
+
+def test_anything_not_on_the_allowlist_is_refused_with_its_name():
+    decision = policy([Rule(host="api.example.com")]).decide("evil.example.net", 443)
+    assert not decision.allowed and decision.reason == "evil.example.net is not on this bottle's egress allowlist"
+
+
+def test_wildcards_match_subdomains_only():
+    p = policy([Rule(host="*.example.org")])
+    assert p.decide("a.b.example.org", 443).allowed
+    assert not p.decide("example.org", 443).allowed
+    assert not p.decide("badexample.org", 443).allowed
+
+
+def test_ports_are_checked():
+    p = policy([Rule(host="api.example.com", ports=[8443])])
+    assert p.decide("api.example.com", 8443).allowed
+    assert "ports [8443] only, not 443" in p.decide("api.example.com", 443).reason
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("0.0.0.0", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("fe80::1", "link-local"),
+        ("192.168.1.10", "private address this rule does not opt in"),
+        ("10.0.0.5", "private address this rule does not opt in"),
+        ("100.64.0.1", "private address this rule does not opt in"),
+        ("192.168.38.2", "the bottle's own network"),
+    ],
+)
+def test_an_allowed_name_resolving_somewhere_it_must_not_is_refused(address, why):
+    decision = policy([Rule(host="rebind.example.com")], dns={"rebind.example.com": [address]}).decide(
+        "rebind.example.com", 443
+    )
+    assert not decision.allowed and why in decision.reason and str(ip_address(address)) in decision.reason
+
+
+def test_one_bad_address_among_good_ones_refuses_the_name():
+    p = policy([Rule(host="mixed.example.com")], dns={"mixed.example.com": [PUBLIC, "127.0.0.1"]})
+    assert not p.decide("mixed.example.com", 443).allowed
+
+
+def test_a_rule_can_opt_in_a_private_cidr_but_never_the_bottles_own_network():
+    rule = Rule(host="git.internal", cidrs=[ip_network("10.1.0.0/16")])
+    p = policy([rule], dns={"git.internal": ["10.1.2.3"], "own.internal": ["192.168.38.1"]})
+    assert p.decide("git.internal", 443).allowed
+    p = policy([Rule(host="own.internal", cidrs=[ip_network("192.168.0.0/16")])], dns={"own.internal": ["192.168.38.1"]})
+    assert "own network" in p.decide("own.internal", 443).reason
+
+
+@pytest.mark.parametrize("cidr", ["127.0.0.0/8", "169.254.0.0/16", "8.8.8.0/24", "0.0.0.0/0"])
+def test_only_private_ranges_can_be_opted_in(cidr):
+    with pytest.raises(ValueError, match="only private CIDRs can be opted in"):
+        Rule(host="x.example.com", cidrs=[ip_network(cidr)])
+
+
+def test_unresolvable_names_are_refused():
+    decision = policy([Rule(host="nowhere.example.com")]).decide("nowhere.example.com", 443)
+    assert not decision.allowed and "does not resolve" in decision.reason
+
+
+def test_credentials_are_for_their_exact_host_only():
+    config = {"host": "api.example.com", "header": "x-api-key", "template": "Bearer {secret}", "secret": "c0"}
+    p = policy([Rule(host="*.example.com")], credentials=[config])
+    assert p.headers_for("api.example.com", {"c0": "s3cret"}) == {"x-api-key": "Bearer s3cret"}
+    assert p.headers_for("other.example.com", {"c0": "s3cret"}) == {}
+
+
+def test_query_values_are_redacted_for_the_log():
+    assert redact_query("/v1/x?key=abc&flag&n=2") == "/v1/x?key=REDACTED&flag&n=REDACTED"
+    assert redact_query("/plain") == "/plain"
+
+
+def test_a_bad_config_is_refused_with_one_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"allow": [{"host": "x.com", "ports": [0]}]}')
+    with pytest.raises(ValueError, match=r"invalid bundle config .*config.json: allow.0.ports.0"):
+        BundleConfig.load(path)
+    path.write_text('{"allow": [], "surprise": true}')
+    with pytest.raises(ValueError, match="surprise"):
+        BundleConfig.load(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        BundleConfig.load(tmp_path / "missing.json")
