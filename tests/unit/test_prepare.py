@@ -231,3 +231,11 @@ def test_docker_errors_other_than_api_errors_propagate_as_docker_exceptions(back
     mocker.patch.object(type(client.networks), "list", side_effect=docker.errors.DockerException("socket gone"))
     with pytest.raises(docker.errors.DockerException):
         prepare(backend, manifest, client, state)
+
+
+def test_a_subnet_lost_to_a_racing_process_is_never_tried_again(backend, manifest, fake, state):
+    for _ in range(3):  # the winner's network is not visible yet when we look again
+        fake.engine.fail_next("POST", "/networks/create", 403, "Pool overlaps with other one on this address space")
+    prepare(backend, manifest, fake, state)
+    tried = [c.body["IPAM"]["Config"][0]["Subnet"] for c in fake.engine.calls if c.method == "POST"]
+    assert tried == ["192.168.38.0/24", "192.168.39.0/24", "192.168.40.0/24", "192.168.41.0/24"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import random
+import time
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 
@@ -26,7 +28,7 @@ BUNDLE_CONFIG = "config.json"  # in the bundle directory, mounted read-only at /
 GUEST_DIR = "/etc/bottle"  # the guest directory (`plan.guest_dir`) is mounted here in the VM, read-only
 GUEST_CA_PATH = f"{GUEST_DIR}/ca.pem"  # the bundle's CA certificate, inside the VM
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays inside the VM; everything else goes to the bundle
-CREATE_ATTEMPTS = 5
+CREATE_ATTEMPTS = 10
 
 
 def resource_name(slug: str) -> str:
@@ -154,11 +156,12 @@ def _create_network(
     client: docker.DockerClient, slug: str, pool: IPv4Network, routes: list[IPv4Network]
 ) -> tuple[Network, bool]:
     """Adopt the bottle's network or create it; return it and whether this call created it."""
+    lost: list[IPv4Network] = []  # subnets another process won while we tried; never tried twice
     for _ in range(CREATE_ATTEMPTS):
         own, taken = survey(client, slug)
         if own is not None:
             return own, False
-        addresses = Addresses.of(derive_subnet(slug, pool, taken + routes))
+        addresses = Addresses.of(derive_subnet(slug, pool, taken + routes + lost))
         ipam = IPAMConfig(pool_configs=[IPAMPool(subnet=str(addresses.subnet), gateway=str(addresses.gateway))])
         try:
             network = client.networks.create(
@@ -166,8 +169,11 @@ def _create_network(
             )
             return network, True
         except docker.errors.APIError as exc:
-            # Another process took the name or the subnet between our look and our create: look again.
+            # Another process took the name or the subnet between our look and our create: look again,
+            # after a short random pause so that processes racing for the same slot fall out of step.
             if exc.status_code == 409 or "overlaps" in (exc.explanation or ""):
+                lost.append(addresses.subnet)
+                time.sleep(random.uniform(0.01, 0.1))
                 continue
             raise DockerProblem(f"docker refused to create network {resource_name(slug)}: {exc.explanation}") from exc
     raise DockerProblem(
