@@ -15,7 +15,7 @@ import click
 import docker
 
 from bottle import registry
-from bottle.backend import Backend, BottleStatus, PreflightReport
+from bottle.backend import LABEL_SLUG, Backend, BottleStatus, PreflightReport
 from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed, UsageError
 from bottle.manifest import Manifest, load_manifest, slugify
 from bottle.plan import BottlePlan
@@ -228,6 +228,40 @@ def gc(dry_run: bool) -> None:
             click.echo(f"removed {thing}")
     if not orphans:
         click.echo("nothing to collect")
+
+
+def _format_audit(entry: dict[str, Any]) -> str:
+    where = f"{entry.get('host')}:{entry.get('port')}{entry.get('path') or ''}"
+    decision = str(entry.get("decision", "?")).upper()
+    tail = entry.get("reason") or f"{entry.get('status')}  out {entry.get('bytes_out')} B  in {entry.get('bytes_in')} B"
+    return f"{entry.get('time')}  {decision:<5}  {entry.get('method')} {where}  {tail}"
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--denied", is_flag=True, help="Only requests the bundle refused.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new entries as they come.")
+@json_option
+def logs(name: str, denied: bool, follow: bool, as_json: bool) -> None:
+    """Show the bundle's audit log for bottle NAME: one line per request, allowed or refused."""
+    slug = _slug_of(name)
+    client = docker_client()
+    found = client.containers.list(all=True, filters={"label": [f"{LABEL_SLUG}={slug}", "bottle.role=bundle"]})
+    if not found:
+        raise UsageError(f"bottle '{slug}' has no bundle; `bottle ls` lists the bottles on this machine")
+    output = found[0].logs(stdout=True, stderr=False, stream=True, follow=follow)
+    pending = b""
+    for chunk in output:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # not an audit entry
+            if denied and entry.get("decision") != "deny":
+                continue
+            click.echo(line.decode() if as_json else _format_audit(entry))
 
 
 @cli.command()

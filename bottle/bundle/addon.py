@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http, tls
+from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
 from bottle.bundle.policy import Decision, Policy, redact_query
@@ -26,6 +27,17 @@ def stdout_sink(entry: dict[str, Any]) -> None:
     """One JSON line per entry on stdout: `bottle logs` reads it back with `docker logs`."""
     sys.stdout.write(json.dumps(entry, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+def _host_of(authority: str | None) -> str | None:
+    """The host in a Host header or :authority (without port or brackets), lower-case."""
+    if not authority:
+        return None
+    try:
+        host, _ = url.parse_authority(authority, check=False)
+    except ValueError:
+        return authority.lower()
+    return host.lower().rstrip(".")
 
 
 class BottlePolicy:
@@ -68,6 +80,12 @@ class BottlePolicy:
 
     def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
+        named = _host_of(request.host_header)
+        if named and named != request.host.lower().rstrip("."):
+            # Domain fronting: the connection goes to one host while the request names another.
+            reason = f"the request names {named} but its connection is to {request.host}"
+            self._refuse(flow, Decision(False, "host mismatch", reason), redact_query(request.path))
+            return
         decision = self.policy.decide(request.host, request.port)
         if not decision.allowed:
             self._refuse(flow, decision, redact_query(request.path))

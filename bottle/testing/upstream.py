@@ -1,0 +1,140 @@
+"""Test doubles around the bundle: an echoing upstream (HTTP or HTTPS) and a proxy run in a thread.
+
+Both serve on addresses the test chooses. The upstream answers every request with the headers it
+received, as JSON, so a test can see exactly what the bundle sent on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from bottle.bundle.ca import create_ca
+
+
+class _Echo(BaseHTTPRequestHandler):
+    def _echo(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = json.dumps(
+            {"method": self.command, "path": self.path, "headers": dict(self.headers), "body_bytes": length}
+        ).encode()
+        if length:
+            self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _echo
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[str]) -> tuple[bytes, bytes]:
+    """A server certificate for `names`, signed by the given CA: (key PEM, cert PEM)."""
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+@contextmanager
+def echo_server(host: str, *, tls_names: list[str] | None = None, workdir: Path | None = None) -> Iterator[dict]:
+    """Serve the echo upstream on `host` (a free port); with `tls_names`, over TLS from a fresh test CA.
+
+    Yields {"port": ..., "ca": path of the CA certificate that signed it (TLS only)}.
+    """
+    server = ThreadingHTTPServer((host, 0), _Echo)
+    info: dict[str, Any] = {"port": server.server_address[1]}
+    if tls_names:
+        assert workdir is not None
+        ca_key, ca_cert = create_ca("bottle test upstream CA")
+        key, cert = issue_certificate(ca_key, ca_cert, tls_names)
+        (workdir / "upstream.pem").write_bytes(cert + key)
+        (workdir / "upstream-ca.pem").write_bytes(ca_cert)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(workdir / "upstream.pem")
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        info["ca"] = workdir / "upstream-ca.pem"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield info
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def running_bundle(config, secrets: dict[str, str], ca_file: Path, resolver, audit, upstream_ca=None) -> Iterator[int]:
+    """Run the bundle's proxy on 127.0.0.1 (a free port) in a thread; yield its port."""
+    from bottle.bundle.__main__ import serve
+
+    with_port = config.model_copy(update={"port": _free_port()})
+    started = threading.Event()
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(loop.create_task(serve(with_port, secrets, ca_file, listen_host="127.0.0.1", resolver=resolver,
+                                           audit=audit, upstream_ca=upstream_ca, started=started)))  # fmt: skip
+        try:
+            loop.run_until_complete(task[0])
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not started.wait(20):
+        raise RuntimeError("the bundle's proxy did not start")
+    try:
+        yield with_port.port
+    finally:
+        loop.call_soon_threadsafe(task[0].cancel)
+        thread.join(10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gateway_of(network_attrs: dict) -> str:
+    """The host's own address on a docker bridge network (its gateway)."""
+    config = network_attrs["IPAM"]["Config"][0]
+    return config.get("Gateway") or str(ipaddress.ip_network(config["Subnet"]).network_address + 1)
