@@ -16,6 +16,7 @@ import docker
 
 from bottle import registry
 from bottle.backend import LABEL_SLUG, Backend, BottleStatus, PreflightReport
+from bottle.bundle import build as bundle_build
 from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed, UsageError
 from bottle.manifest import Manifest, load_manifest, slugify
 from bottle.plan import BottlePlan
@@ -262,6 +263,24 @@ def logs(name: str, denied: bool, follow: bool, as_json: bool) -> None:
             if denied and entry.get("decision") != "deny":
                 continue
             click.echo(line.decode() if as_json else _format_audit(entry))
+
+
+@cli.group()
+def bundle() -> None:
+    """The bundle image: the egress proxy every bottle runs beside its VM."""
+
+
+@bundle.command(name="build")
+@click.option("--base", default=bundle_build.DEFAULT_BASE, show_default=True,
+              help="Base image with Python and venv (a local one works offline).")
+@click.option("--tag", default=bundle_build.DEFAULT_TAG, show_default=True, help="Tag for the built image.")
+@click.option("--python", "python_version", default="3.11", show_default=True, help="The base image's Python.")
+def bundle_build_command(base: str, tag: str, python_version: str) -> None:
+    """Build the bundle image (downloads wheels on this host, so the build itself needs no network)."""
+    image_id = bundle_build.build(
+        docker_client(), base=base, tag=tag, python=python_version, progress=lambda line: click.echo(line, err=True)
+    )
+    click.echo(f"{tag} {image_id}")
 
 
 @cli.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -40,4 +41,32 @@ def build_test_bundle(client: docker.DockerClient, tag: str = READY_IMAGE) -> st
             f"CMD {json.dumps(_COMMANDS[tag])}\n"
         )
         client.images.build(path=context, tag=tag, labels={"bottle.test": "image"}, rm=True)
+    return tag
+
+
+PYTHON_BASE = "bottle-test-python:bookworm"  # Debian bookworm, minbase, with python3 and venv
+
+
+def build_python_base(client: docker.DockerClient, tag: str = PYTHON_BASE) -> str:
+    """A Debian base image with Python, made with debootstrap (no registry); cached by tag.
+
+    Needs root and debootstrap (Debian: `apt-get install debootstrap`); takes about a minute.
+    """
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    debootstrap = shutil.which("debootstrap")
+    if debootstrap is None:
+        raise RuntimeError("building the test Python base needs debootstrap: apt-get install debootstrap")
+    with tempfile.TemporaryDirectory(prefix="bottle-rootfs-") as tmp:
+        rootfs, tarball = Path(tmp) / "rootfs", Path(tmp) / "rootfs.tar"
+        subprocess.run(
+            [debootstrap, "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", rootfs],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        subprocess.run(["tar", "-C", rootfs, "-cf", tarball, "."], check=True)
+        repository, _, version = tag.partition(":")
+        client.api.import_image_from_file(str(tarball), repository=repository, tag=version or "latest")
     return tag
