@@ -1,0 +1,199 @@
+"""Figures for the bundle's proxy: added latency and requests/s against a direct connection and
+against tinyproxy (Debian's reference forward proxy), same machine, same run.
+
+Run: .venv/bin/python benchmarks/proxy.py [--requests N] [--workers N]
+Needs: tinyproxy on PATH (apt-get install tinyproxy), a Docker Engine (for a bridge address to serve
+the upstream on; no container is started). All traffic stays on this machine.
+
+Modes, each request on a fresh connection (CONNECT, TLS handshake(s), one GET):
+  direct       client -> upstream (TLS)
+  tinyproxy    client -> tinyproxy CONNECT tunnel -> upstream (TLS end to end)
+  passthrough  client -> bundle CONNECT tunnel (rule with intercept = false) -> upstream
+  intercepted  client -> bundle (TLS with the bottle CA) -> bundle -> upstream (TLS), policy applied
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import socket
+import ssl
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from ipaddress import ip_address
+from pathlib import Path
+
+import docker
+from docker.types import IPAMConfig, IPAMPool
+
+from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.bundle.ca import CA_FILE, create_ca
+from bottle.bundle.policy import BundleConfig, Rule
+from bottle.testing.upstream import echo_server
+
+TABLE: dict[str, str] = {}
+
+
+def table_resolver(host: str, port: int):
+    return [ip_address(TABLE[host])]
+
+
+def run_bundle(config_json: str, ca_file: str, table: dict[str, str], port: int, upstream_ca: str) -> None:
+    """The bundle's proxy in its own process (so the load generator does not share its GIL)."""
+    import asyncio
+
+    from bottle.bundle.__main__ import serve
+
+    TABLE.update(table)
+    config = BundleConfig.model_validate_json(config_json).model_copy(update={"port": port})
+    asyncio.run(serve(config, {}, Path(ca_file), listen_host="127.0.0.1", resolver=table_resolver,
+                      audit=lambda entry: None, upstream_ca=Path(upstream_ca)))  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def tunnel(proxy_port: int, host: str, port: int) -> socket.socket:
+    """A CONNECT tunnel through the proxy on 127.0.0.1:proxy_port."""
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("the proxy closed the tunnel")
+        reply += chunk
+    if not reply.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+        raise RuntimeError(f"CONNECT refused: {reply[:60]!r}")
+    return sock
+
+
+def one_request(mode: str, env: dict) -> None:
+    """One GET on a fresh connection; TLS always verifies upstream.test against the mode's CA."""
+    if mode == "direct":
+        raw, cafile = socket.create_connection((env["gateway"], env["port"]), timeout=10), env["upstream_ca"]
+    else:
+        proxy_port, target, cafile = env["modes"][mode]
+        raw = tunnel(proxy_port, target, env["port"])
+    with ssl.create_default_context(cafile=cafile).wrap_socket(raw, server_hostname="upstream.test") as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: upstream.test\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    if response.split(b" ", 2)[1:2] != [b"200"]:
+        raise RuntimeError(f"{mode}: {response[:60]!r}")
+
+
+def measure(mode: str, env: dict, requests: int, workers: int) -> dict:
+    latencies = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        one_request(mode, env)
+        latencies.append(time.perf_counter() - start)
+    latencies.sort()
+    done = [0]
+
+    def worker() -> None:
+        for _ in range(requests // workers):
+            one_request(mode, env)
+            done[0] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return {
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "rps": done[0] / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    client = docker.from_env()
+    taken = [s for n in client.networks.list() for s in ipv4_subnets(n.attrs)] + host_routes()
+    subnet = derive_subnet("bench-proxy", DEFAULT_POOL, taken)
+    gateway = str(subnet.network_address + 1)
+    network = client.networks.create(
+        "bottle-bench-proxy", ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=gateway)]),
+        labels={"bottle.test": "bench"},
+    )  # fmt: skip
+    processes: list = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp, echo_server(gateway, tls_names=["upstream.test"],
+                                                               workdir=Path(tmp)) as upstream:  # fmt: skip
+            key, cert = create_ca("bottle bench CA")
+            (Path(tmp) / CA_FILE).write_bytes(key + cert)
+            (Path(tmp) / "bundle-ca.pem").write_bytes(cert)
+            port = upstream["port"]
+            modes = {}
+
+            tiny_port = free_port()
+            (Path(tmp) / "tinyproxy.conf").write_text(
+                f"Port {tiny_port}\nListen 127.0.0.1\nAllow 127.0.0.1\nConnectPort {port}\nLogLevel Critical\n"
+                "MaxClients 200\nTimeout 30\n"
+            )
+            processes.append(subprocess.Popen(["tinyproxy", "-d", "-c", str(Path(tmp) / "tinyproxy.conf")],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+            modes["tinyproxy"] = (tiny_port, gateway, str(upstream["ca"]))
+
+            for mode, intercept, cafile in [("passthrough", False, str(upstream["ca"])),
+                                            ("intercepted", True, str(Path(tmp) / "bundle-ca.pem"))]:  # fmt: skip
+                config = BundleConfig(allow=[Rule(host="upstream.test", ports=[port], cidrs=[subnet],
+                                                  intercept=intercept)])  # fmt: skip
+                bundle_port = free_port()
+                process = multiprocessing.Process(
+                    target=run_bundle,
+                    args=(config.model_dump_json(), str(Path(tmp) / CA_FILE), {"upstream.test": gateway},
+                          bundle_port, str(upstream["ca"])),
+                    daemon=True,
+                )  # fmt: skip
+                process.start()
+                processes.append(process)
+                modes[mode] = (bundle_port, "upstream.test", cafile)
+            for proxy_port, _, _ in modes.values():
+                wait_for_port(proxy_port)
+
+            env = {"gateway": gateway, "port": port, "upstream_ca": str(upstream["ca"]), "modes": modes}
+            results = {m: measure(m, env, args.requests, args.workers) for m in ["direct", *modes]}
+    finally:
+        for process in processes:
+            (process.terminate if hasattr(process, "terminate") else process.kill)()
+        network.remove()
+
+    base, tiny = results["direct"], results["tinyproxy"]
+    print(f"{args.requests} requests each, fresh TLS connection per request; throughput with {args.workers} workers")
+    print(f"{'mode':<12} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'req/s':>7} "
+          f"{'vs direct':>9} {'vs tinyproxy':>12}")  # fmt: skip
+    for mode, r in results.items():
+        print(f"{mode:<12} {r['p50']:8.2f} {r['p99']:8.2f} {r['p50'] - base['p50']:8.2f} "
+              f"{r['p99'] - base['p99']:8.2f} {r['rps']:7.0f} {r['rps'] / base['rps']:9.2f} "
+              f"{r['rps'] / tiny['rps']:12.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
