@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink
@@ -46,7 +45,6 @@ async def serve(
     resolver: Resolver = resolve,
     audit: AuditSink = stdout_sink,
     upstream_ca: Path | None = None,
-    started: threading.Event | None = None,
 ) -> None:
     """Run the proxy with bottle's policy until cancelled. `upstream_ca` is for tests' private servers."""
     from mitmproxy import options
@@ -60,8 +58,6 @@ async def serve(
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
-        if started is not None:
-            asyncio.get_running_loop().call_later(0.5, started.set)
         await master.run()
 
 

@@ -10,8 +10,10 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,14 +104,13 @@ def running_bundle(config, secrets: dict[str, str], ca_file: Path, resolver, aud
     from bottle.bundle.__main__ import serve
 
     with_port = config.model_copy(update={"port": _free_port()})
-    started = threading.Event()
     loop = asyncio.new_event_loop()
     task: list[asyncio.Task] = []
 
     def run() -> None:
         asyncio.set_event_loop(loop)
         task.append(loop.create_task(serve(with_port, secrets, ca_file, listen_host="127.0.0.1", resolver=resolver,
-                                           audit=audit, upstream_ca=upstream_ca, started=started)))  # fmt: skip
+                                           audit=audit, upstream_ca=upstream_ca)))  # fmt: skip
         try:
             loop.run_until_complete(task[0])
         except asyncio.CancelledError:
@@ -117,8 +118,11 @@ def running_bundle(config, secrets: dict[str, str], ca_file: Path, resolver, aud
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    if not started.wait(20):
-        raise RuntimeError("the bundle's proxy did not start")
+    deadline = time.monotonic() + 20
+    while not _accepts(with_port.port):
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the bundle's proxy did not start")
+        time.sleep(0.05)
     try:
         yield with_port.port
     finally:
@@ -126,9 +130,15 @@ def running_bundle(config, secrets: dict[str, str], ca_file: Path, resolver, aud
         thread.join(10)
 
 
-def _free_port() -> int:
-    import socket
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
