@@ -18,19 +18,29 @@ _COMMANDS = {
 }
 
 
+def _exists(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def _tool(name: str, package: str, purpose: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"building {purpose} needs {name} on PATH: apt-get install {package}")
+    return path
+
+
 def build_test_bundle(client: docker.DockerClient, tag: str = READY_IMAGE) -> str:
     """Build one of the stand-in bundle images unless it exists (cached by tag); return its tag.
 
     Needs a static busybox on PATH (Debian: `apt-get install busybox-static`).
     """
-    try:
-        client.images.get(tag)
+    if _exists(client, tag):
         return tag
-    except docker.errors.ImageNotFound:
-        pass
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        raise RuntimeError("building the test bundle image needs a static busybox: apt-get install busybox-static")
+    busybox = _tool("busybox", "busybox-static", "the test bundle image")
     with tempfile.TemporaryDirectory() as context:
         shutil.copy(busybox, Path(context) / "busybox")
         (Path(context) / "Dockerfile").write_text(
@@ -52,14 +62,9 @@ def build_python_base(client: docker.DockerClient, tag: str = PYTHON_BASE) -> st
 
     Needs root and debootstrap (Debian: `apt-get install debootstrap`); takes about a minute.
     """
-    try:
-        client.images.get(tag)
+    if _exists(client, tag):
         return tag
-    except docker.errors.ImageNotFound:
-        pass
-    debootstrap = shutil.which("debootstrap")
-    if debootstrap is None:
-        raise RuntimeError("building the test Python base needs debootstrap: apt-get install debootstrap")
+    debootstrap = _tool("debootstrap", "debootstrap", "the test Python base")
     with tempfile.TemporaryDirectory(prefix="bottle-rootfs-") as tmp:
         rootfs, tarball = Path(tmp) / "rootfs", Path(tmp) / "rootfs.tar"
         subprocess.run(
