@@ -221,6 +221,8 @@ def gc(dry_run: bool) -> None:
             continue
         try:
             with state.lock(orphan.slug, timeout=0):
+                if state.read_plan_data(orphan.slug) is not None:
+                    continue  # an `up` saved its plan since we looked: no longer an orphan
                 removed = registry.load(orphan.backend)().down(orphan.slug, docker=client, state=state)
         except BottleError as exc:
             click.echo(f"skipped {orphan.slug}: {exc}", err=True)
