@@ -24,6 +24,7 @@ from bottle.bundle.policy import Rule
 from bottle.errors import ManifestError
 
 SLUG_MAX = 40
+PLACEHOLDER = "bottle-placeholder-the-bundle-adds-the-real-key"
 
 # Set by bottle itself in the agent's environment; a manifest may not override them.
 RESERVED_ENV = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "NODE_EXTRA_CA_CERTS"})
@@ -131,6 +132,9 @@ class CredentialConfig(_Strict):
     template: str = "{secret}"
     from_env: str | None = None
     from_file: str | None = None
+    # A variable set in the VM to PLACEHOLDER, for agents that refuse to start without a key of their
+    # own (Claude Code and ANTHROPIC_API_KEY); the bundle replaces the header it produces.
+    agent_placeholder: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
     @model_validator(mode="after")
     def _one_source(self) -> CredentialConfig:

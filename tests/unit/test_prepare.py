@@ -239,3 +239,16 @@ def test_a_subnet_lost_to_a_racing_process_is_never_tried_again(backend, manifes
     prepare(backend, manifest, fake, state)
     tried = [c.body["IPAM"]["Config"][0]["Subnet"] for c in fake.engine.calls if c.method == "POST"]
     assert tried == ["192.168.38.0/24", "192.168.39.0/24", "192.168.40.0/24", "192.168.41.0/24"]
+
+
+def test_a_credential_can_ask_for_a_placeholder_in_the_vm_never_the_secret(backend, fake, state, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    manifest = parse_manifest({
+        "name": "claude-code", "agent": {"image": "node:22"},
+        "egress": {"allow": ["api.anthropic.com"], "credentials": [{
+            "host": "api.anthropic.com", "header": "x-api-key", "from_env": "ANTHROPIC_API_KEY",
+            "agent_placeholder": "ANTHROPIC_API_KEY"}]},
+    })  # fmt: skip
+    plan = prepare(backend, manifest, fake, state)
+    assert plan.agent_env["ANTHROPIC_API_KEY"] == "bottle-placeholder-the-bundle-adds-the-real-key"
+    assert "sk-ant-real" not in plan.model_dump_json() + plan.smolfile_path.read_text()

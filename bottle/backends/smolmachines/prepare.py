@@ -19,7 +19,7 @@ from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.bundle.ca import CA_FILE, create_ca
 from bottle.bundle.policy import BundleConfig, Credential
 from bottle.errors import DockerProblem, UsageError
-from bottle.manifest import Manifest
+from bottle.manifest import PLACEHOLDER, Manifest
 from bottle.state import StateStore, make_private_dir, write_private
 
 BACKEND = "smolmachines"
@@ -42,6 +42,11 @@ def agent_env(env: Mapping[str, str], bundle_ip: IPv4Address) -> dict[str, str]:
     ours = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "NO_PROXY": NO_PROXY}
     merged = dict(env) | ours | {k.lower(): v for k, v in ours.items()} | {"NODE_EXTRA_CA_CERTS": GUEST_CA_PATH}
     return dict(sorted(merged.items()))
+
+
+def placeholders(manifest: Manifest) -> dict[str, str]:
+    """The VM variables credentials ask for, each holding PLACEHOLDER: a value that is not a secret."""
+    return {c.agent_placeholder: PLACEHOLDER for c in manifest.egress.credentials if c.agent_placeholder}
 
 
 def bundle_config(manifest: Manifest, addresses: Addresses) -> bytes:
@@ -130,7 +135,7 @@ def build_plan(
         machine_name=resource_name(slug),
         agent_image=manifest.agent.image,
         agent_command=manifest.agent.command,
-        agent_env=agent_env(manifest.agent.env, addresses.bundle_ip),
+        agent_env=agent_env(manifest.agent.env | placeholders(manifest), addresses.bundle_ip),
         smolvm_version=smolvm_version,
     )
 
