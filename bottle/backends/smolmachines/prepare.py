@@ -199,10 +199,11 @@ def prepare_parts(
     """Do `prepare`; also return the network if this call created it, so a caller can undo that."""
     network, created = _create_network(client, manifest.slug, pool, routes)
     try:
-        result = build_plan(manifest, adopted_addresses(network), network.id, state, smolvm_version)
+        addresses = adopted_addresses(network)
+        result = build_plan(manifest, addresses, network.id, state, smolvm_version)
         make_private_dir(result.bundle_dir)
         smolfile.write(result.smolfile_path, smolfile.build(result.agent_env, result.bundle_ip))
-        write_private(result.bundle_dir / BUNDLE_CONFIG, bundle_config(manifest, adopted_addresses(network)))
+        write_private(result.bundle_dir / BUNDLE_CONFIG, bundle_config(manifest, addresses))
         ensure_ca(result)
     except BaseException:
         if created:
