@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bottle.bundle import CA_DIR, CONFIG_FILE, SECRETS_FILE
 from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink
 from bottle.bundle.ca import CA_FILE
 from bottle.bundle.policy import BundleConfig, Policy, Resolver, resolve
@@ -63,9 +64,9 @@ async def serve(
 
 def main() -> int:
     try:
-        config = BundleConfig.load(CONFIG_DIR / "config.json")
-        secrets = load_secrets(CONFIG_DIR / "secrets.json", config)
-        ca_file = CONFIG_DIR / "ca" / CA_FILE
+        config = BundleConfig.load(CONFIG_DIR / CONFIG_FILE)
+        secrets = load_secrets(CONFIG_DIR / SECRETS_FILE, config)
+        ca_file = CONFIG_DIR / CA_DIR / CA_FILE
         if not ca_file.is_file():
             raise ValueError(f"the bundle's CA {ca_file} is missing; run `bottle prepare` again")
     except ValueError as exc:

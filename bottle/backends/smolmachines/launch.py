@@ -24,6 +24,7 @@ from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.backends.smolmachines.prepare import BACKEND, GUEST_DIR, prepare_parts, resource_name, secret_name
 from bottle.backends.smolmachines.smolvm import Smolvm
+from bottle.bundle import SECRETS_FILE
 from bottle.errors import BottleError, StepFailed
 from bottle.manifest import Manifest
 from bottle.state import PLAN_FILE, StateStore, write_private
@@ -73,7 +74,7 @@ def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan) -> None:
         if not value:
             raise StepFailed("secrets", f"credential for {credential.host}: {source} is not set or empty")
         secrets[secret_name(index)] = value
-    write_private(plan.bundle_dir / "secrets.json", json.dumps(secrets).encode())
+    write_private(plan.bundle_dir / SECRETS_FILE, json.dumps(secrets).encode())
 
 
 def _tcp_accepts(ip: str, port: int) -> bool:

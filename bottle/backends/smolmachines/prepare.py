@@ -16,6 +16,7 @@ from bottle.backend import LABEL_BACKEND, LABEL_SLUG, labels
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
+from bottle.bundle import CA_DIR, CONFIG_FILE
 from bottle.bundle.ca import CA_FILE, create_ca
 from bottle.bundle.policy import BundleConfig, Credential
 from bottle.errors import DockerProblem, UsageError
@@ -24,7 +25,6 @@ from bottle.state import StateStore, make_private_dir, write_private
 
 BACKEND = "smolmachines"
 SMOLFILE = "Smolfile"
-BUNDLE_CONFIG = "config.json"  # in the bundle directory, mounted read-only at /etc/bottle in the bundle
 GUEST_DIR = "/etc/bottle"  # the guest directory (`plan.guest_dir`) is mounted here in the VM, read-only
 GUEST_CA_PATH = f"{GUEST_DIR}/ca.pem"  # the bundle's CA certificate, inside the VM
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays inside the VM; everything else goes to the bundle
@@ -69,7 +69,7 @@ def secret_name(index: int) -> str:
 
 def ensure_ca(plan: SmolmachinesBottlePlan) -> None:
     """Create the bottle's CA once: key and cert for the bundle (0600), the cert alone for the VM."""
-    ca_file = plan.bundle_dir / "ca" / CA_FILE
+    ca_file = plan.bundle_dir / CA_DIR / CA_FILE
     if ca_file.exists():
         return
     key_pem, cert_pem = create_ca(f"bottle {plan.slug} CA")
@@ -203,7 +203,7 @@ def prepare_parts(
         result = build_plan(manifest, addresses, network.id, state, smolvm_version)
         make_private_dir(result.bundle_dir)
         smolfile.write(result.smolfile_path, smolfile.build(result.agent_env, result.bundle_ip))
-        write_private(result.bundle_dir / BUNDLE_CONFIG, bundle_config(manifest, addresses))
+        write_private(result.bundle_dir / CONFIG_FILE, bundle_config(manifest, addresses))
         ensure_ca(result)
     except BaseException:
         if created:
