@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from bottle.manifest import is_slug
 from bottle.plan import BottlePlan
 
 if TYPE_CHECKING:
@@ -25,11 +26,42 @@ if TYPE_CHECKING:
 LABEL_MANAGED = "bottle.managed"
 LABEL_SLUG = "bottle.slug"
 LABEL_BACKEND = "bottle.backend"
+LABEL_OWNER = "bottle.owner"
+LABEL_ROLE = "bottle.role"  # what a container is to its bottle: "bundle", ...
 
 
-def labels(slug: str, backend: str) -> dict[str, str]:
-    """The labels on every docker resource a bottle owns: how `ls`, `down` and `gc` find it again."""
-    return {LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_BACKEND: backend}
+def labels(slug: str, backend: str, owner: str) -> dict[str, str]:
+    """The labels on every docker resource a bottle owns: how `ls`, `down` and `gc` find it again.
+
+    `owner` is the state root's id (`StateStore.owner`): it ties the resource to the state directory
+    that made it, so another BOTTLE_HOME, another user or an image's inherited labels never count.
+    """
+    return {LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_BACKEND: backend, LABEL_OWNER: owner}
+
+
+def owned_slug(resource_labels: dict[str, str] | None, backend: str, owner: str | None) -> str | None:
+    """The slug of a resource if it is this state root's and this backend's, else None.
+
+    Labels are data from outside (a container inherits its image's labels): the slug is returned only
+    when it is a valid slug, so it can safely name a path, and only with every label of `labels()`.
+    """
+    found = resource_labels or {}
+    slug = found.get(LABEL_SLUG)
+    if owner is None or not is_slug(slug) or found != found | labels(slug, backend, owner):
+        return None
+    return slug
+
+
+def why_not_owned(resource_labels: dict[str, str] | None, backend: str, owner: str | None) -> str:
+    """Why a resource that carries bottle's labels is not this state root's, in a few words."""
+    found = resource_labels or {}
+    if not is_slug(found.get(LABEL_SLUG)):
+        return f"its {LABEL_SLUG} label is not a bottle slug"
+    if found.get(LABEL_MANAGED) != "true":
+        return f"its {LABEL_MANAGED} label is not 'true'"
+    if found.get(LABEL_BACKEND) != backend:
+        return f"its {LABEL_BACKEND} label is not '{backend}'"
+    return "it was not made from this state directory"
 
 
 class Check(BaseModel):
@@ -72,14 +104,17 @@ class BottleStatus(BaseModel):
     address: str | None  # the bundle's IP, where the plan knows it
     parts: dict[str, str]  # part -> "running", "present", "exited", "missing", ...
     drift: list[str]  # one sentence per inconsistency, each saying how to resolve it
+    foreign: bool = False  # carries bottle's labels but is not this state root's: shown, never removed
 
     @property
     def orphan(self) -> bool:
-        return self.name is None
+        return self.name is None and not self.foreign
 
     @property
     def state(self) -> str:
         up = [v in {"running", "present"} for v in self.parts.values()]
+        if self.foreign:
+            return "foreign"
         if self.orphan:
             return "orphan"
         return "running" if all(up) else "down" if not any(up) else "partial"
@@ -113,12 +148,14 @@ class Backend(ABC):
     def prepare(
         self, manifest: Manifest, *, docker: docker.DockerClient, state: StateStore, preflight: PreflightReport
     ) -> BottlePlan:
-        """Create what the bottle needs before launch and return its plan (the caller saves it).
+        """Create what the bottle needs before launch, save its plan (`state.save_plan`) and return it.
 
-        Allowed side effects: docker resources labelled with `labels(slug, name)`, and files inside
-        `state.bottle_dir(slug)`, written 0600 from their first byte (`bottle.state.write_private`).
+        Allowed side effects: docker resources labelled with `labels(slug, name, state.owner(create=True))`,
+        and files inside `state.bottle_dir(slug)`, written with `state.write_private` (0600 from the
+        first byte, never through a link). Adopt only resources that carry this owner's labels.
         Running it twice is a no-op the second time and returns an equal plan. If it fails, it removes
-        whatever it created in that call, then raises a `bottle.errors.BottleError`.
+        whatever it created in that call, then raises a `bottle.errors.BottleError`. The caller holds
+        the bottle's lock.
         """
 
     @abstractmethod
@@ -148,7 +185,8 @@ class Backend(ABC):
     def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:
         """Remove every part of the bottle that exists, and its state directory; keep shared caches.
 
-        Works from names and labels alone, so it also cleans up after a crash. Succeeds when nothing
+        Works from names and labels alone, so it also cleans up after a crash, and touches only what
+        carries this state root's owner labels (`owned_slug`). Succeeds when nothing
         is left; returns one description per thing removed. The caller holds the bottle's lock.
         """
 

@@ -6,13 +6,14 @@ import json
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 import docker
+import requests
 
 from bottle import registry
 from bottle.backend import LABEL_SLUG, Backend, BottleStatus, PreflightReport
@@ -20,7 +21,7 @@ from bottle.bundle import build as bundle_build
 from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed, UsageError
 from bottle.manifest import Manifest, load_manifest, slugify
 from bottle.plan import BottlePlan
-from bottle.state import StateStore
+from bottle.state import PLAN_FILE, StateStore
 
 manifest_option = click.option(
     "-f", "--file", "manifest_path", type=click.Path(path_type=Path), default=Path("bottle.toml"),
@@ -104,10 +105,14 @@ def prepare(manifest_path: Path, as_json: bool) -> None:
     manifest, backend, client, report = _load(manifest_path)
     _ready(backend, report)
     state = StateStore()
-    result = backend.prepare(manifest, docker=client, state=state, preflight=report)
-    path = state.save_plan(result)
+    with _terminate_as_interrupt(), state.lock(manifest.slug, on_wait=_waiting(manifest.slug)):
+        result = backend.prepare(manifest, docker=client, state=state, preflight=report)
     _echo_plan(result, as_json)
-    click.echo(f"plan saved to {path}", err=True)
+    click.echo(f"plan saved to {state.bottle_dir(manifest.slug) / PLAN_FILE}", err=True)
+
+
+def _waiting(slug: str) -> Callable[[], None]:
+    return lambda: click.echo(f"waiting for another bottle command working on '{slug}'", err=True)
 
 
 def _progress(step: str, detail: str) -> None:
@@ -137,12 +142,8 @@ def up(manifest_path: Path, detach: bool, repack: bool) -> None:
     manifest, backend, client, report = _load(manifest_path)
     _ready(backend, report)
     state = StateStore()
-
-    def waiting() -> None:
-        click.echo(f"waiting for another bottle command working on '{manifest.slug}'", err=True)
-
     click.echo(f"bottle '{manifest.name}' ({backend.name}):", err=True)
-    with _terminate_as_interrupt(), state.lock(manifest.slug, on_wait=waiting):
+    with _terminate_as_interrupt(), state.lock(manifest.slug, on_wait=_waiting(manifest.slug)):
         plan = backend.up(manifest, docker=client, state=state, preflight=report, on_step=_progress, repack=repack)
     if detach:
         click.echo(f"bottle '{manifest.name}' is up; `bottle up -f {manifest_path}` attaches to it, "
@@ -213,7 +214,10 @@ def gc(dry_run: bool) -> None:
     """Remove leftovers: bottle resources and VMs that belong to no bottle on disk."""
     client = docker_client()
     state = StateStore()
-    orphans = [s for s in _inventory(client, state) if s.orphan]
+    found = _inventory(client, state)
+    for stray in (s for s in found if s.foreign):
+        click.echo(f"left alone: {stray.drift[0]}", err=True)
+    orphans = [s for s in found if s.orphan]
     for orphan in orphans:
         parts = ", ".join(f"{k} {v}" for k, v in orphan.parts.items() if v != "missing")
         if dry_run:
@@ -309,10 +313,22 @@ def doctor() -> None:
         raise click.exceptions.Exit(1)
 
 
+def _sentence(exc: Exception) -> tuple[str, int]:
+    """The one line and exit code an error ends `bottle` with."""
+    if isinstance(exc, BottleError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, docker.errors.DockerException):
+        return f"the Docker Engine failed a request: {exc}", 1
+    if isinstance(exc, requests.exceptions.RequestException):
+        return f"the Docker Engine stopped answering ({type(exc).__name__}); is it running?", 1
+    if isinstance(exc, OSError):
+        return f"cannot use {exc.filename or 'a file'}: {exc.strerror or exc}", 1
+    return f"internal error: {exc!r} (run with --debug for the traceback)", 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; turn every error into one line on stderr and an exit code (0 ok, 1 environment, 2 input)."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
     try:
         # Without standalone mode click returns the code of `Exit` (e.g. --help, --version, doctor's 1).
         code = cli.main(args=args, prog_name="bottle", standalone_mode=False)
@@ -322,19 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("bottle: interrupted", err=True)
         return 130
-    except BottleError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"bottle: {exc}", err=True)
-        return exc.exit_code
-    except docker.errors.DockerException as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"bottle: the Docker Engine failed a request: {exc}", err=True)
-        return 1
     except Exception as exc:
-        if debug:
+        if "--debug" in args:
             traceback.print_exc()
-        click.echo(f"bottle: internal error: {exc!r} (run with --debug for the traceback)", err=True)
-        return 1
+        message, exit_code = _sentence(exc)
+        click.echo(f"bottle: {message}", err=True)
+        return exit_code
     return code if isinstance(code, int) else 0

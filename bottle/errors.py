@@ -44,6 +44,10 @@ class AddressPoolExhausted(EnvironmentProblem):
     """Every /24 in the configured pool is taken."""
 
 
+class StateError(EnvironmentProblem):
+    """bottle's state directory cannot be used: a path is missing, read-only, full, or a link bottle refuses."""
+
+
 class DockerProblem(EnvironmentProblem):
     """The Docker Engine refused or failed a request bottle made."""
 

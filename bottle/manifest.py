@@ -43,6 +43,14 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_RULE = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::(?P<port>[0-9]{{1,5}}))?")
 
 
+_SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def is_slug(text: object) -> bool:
+    """Whether `text` is a slug as `slugify` makes them; anything read from outside is checked with this."""
+    return isinstance(text, str) and len(text) <= SLUG_MAX and _SLUG.fullmatch(text) is not None
+
+
 def slugify(name: str) -> str:
     """Derive the bottle's slug: lowercase `[a-z0-9-]`, at most SLUG_MAX characters, stable for a name.
 

@@ -45,3 +45,18 @@ def create_ca(common_name: str, *, days: int = 3650) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     )
     return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def split_ca(pem: bytes) -> tuple[bytes, bytes] | None:
+    """The (key PEM, certificate PEM) of a CA file that `create_ca` wrote, or None if it is not one."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+        certificate = x509.load_pem_x509_certificate(pem)
+    except (ValueError, TypeError):
+        return None
+    if key.public_key() != certificate.public_key():
+        return None
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)

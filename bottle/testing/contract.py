@@ -81,7 +81,7 @@ class BackendContract:
     def test_prepare_writes_only_private_files_in_the_bottle_dir(self, backend, manifest, docker, state, report):
         backend.prepare(manifest, docker=docker, state=state, preflight=report)
         for path in state.root.rglob("*"):
-            assert path.is_relative_to(state.bottle_dir(manifest.slug)) or path.is_dir(), path
+            assert path.is_relative_to(state.bottle_dir(manifest.slug)) or path.is_dir() or path.name == "owner", path
             if path.is_file():
                 assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
 
@@ -89,7 +89,8 @@ class BackendContract:
         before = set(docker.engine.networks)
         backend.prepare(manifest, docker=docker, state=state, preflight=report)
         for network_id in set(docker.engine.networks) - before:
-            assert labels(manifest.slug, backend.name).items() <= docker.engine.networks[network_id]["Labels"].items()
+            expected = labels(manifest.slug, backend.name, state.owner())
+            assert expected.items() <= docker.engine.networks[network_id]["Labels"].items()
 
     def _up(self, backend, manifest, docker, state, report):
         return backend.up(manifest, docker=docker, state=state, preflight=report, on_step=lambda step, detail: None)

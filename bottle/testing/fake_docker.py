@@ -245,7 +245,10 @@ class FakeEngine:
             )
         container_id = secrets.token_hex(32)
         host = body.get("HostConfig") or {}
-        endpoints = (body.get("NetworkingConfig") or {}).get("EndpointsConfig") or {}
+        endpoints = dict((body.get("NetworkingConfig") or {}).get("EndpointsConfig") or {})
+        mode = host.get("NetworkMode")
+        if mode and mode not in {"default", "bridge", "host", "none"} and not mode.startswith("container:"):
+            endpoints.setdefault(mode, {})  # the Engine attaches the container to its NetworkMode network
         self.containers[container_id] = {
             "Id": container_id,
             "Name": f"/{name or container_id[:12]}",

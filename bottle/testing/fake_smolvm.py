@@ -8,9 +8,9 @@ Machines are records in a state directory; nothing boots. Every call is appended
 
 Install it with `install(bin_dir, state_dir)`, which writes an executable `smolvm` into `bin_dir`.
 Test controls, read from the environment of each call:
-  FAKE_SMOLVM_FAIL=STEP    make that step fail as smolvm would (exit 1): one of STEPS
-  FAKE_SMOLVM_HANG=STEP    write `<state>/hanging-STEP`, then sleep until killed (for signal tests)
-  FAKE_SMOLVM_VERSION=X    what `--version` reports (default 0.8.0)
+  SMOLVM_FAKE_FAIL=STEP    make that step fail as smolvm would (exit 1): one of STEPS
+  SMOLVM_FAKE_HANG=STEP    write `<state>/hanging-STEP`, then sleep until killed (for signal tests)
+  SMOLVM_FAKE_VERSION=X    what `--version` reports (default 0.8.0)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-STATE_ENV = "FAKE_SMOLVM_STATE"
+STATE_ENV = "SMOLVM_FAKE_STATE"
 STEPS = ("pack", "machine-create", "machine-start", "machine-stop", "machine-delete", "machine-exec", "machine-ls")
 ARTIFACT_MAGIC = "fake-smolmachine/1"
 
@@ -408,16 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         argv, command = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = _parser().parse_args(argv)
     if args.version:
-        print(f"smolvm {os.environ.get('FAKE_SMOLVM_VERSION', '0.8.0')}")
+        print(f"smolvm {os.environ.get('SMOLVM_FAKE_VERSION', '0.8.0')}")
         return 0
     step = _step(argv)
-    if os.environ.get("FAKE_SMOLVM_HANG") == step:
+    if os.environ.get("SMOLVM_FAKE_HANG") == step:
         (root / f"hanging-{step}").write_text(str(os.getpid()))
         time.sleep(3600)
     state = _State(root)
     try:
-        if os.environ.get("FAKE_SMOLVM_FAIL") == step:
-            raise SmolvmError(f"{step} failed: injected by FAKE_SMOLVM_FAIL")
+        if os.environ.get("SMOLVM_FAKE_FAIL") == step:
+            raise SmolvmError(f"{step} failed: injected by SMOLVM_FAKE_FAIL")
         if args.group == "pack" and args.command == "create":
             return _pack(args, state)
         if args.group == "machine":

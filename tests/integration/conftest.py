@@ -69,3 +69,36 @@ def bottle(*args: str, env: dict[str, str] | None = None, timeout: float = 120) 
         env={**os.environ, **(env or {})},
         stdin=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "home"
+    monkeypatch.setenv("BOTTLE_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def write_manifest(tmp_path, slug, bundle_images):
+    def write(name: str = slug, bundle_image: str = READY_IMAGE) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'name = "{name}"\n[agent]\nimage = "node:22"\ncommand = ["claude"]\nenv = {{ TERM = "xterm" }}\n'
+            f'[egress]\nallow = ["api.anthropic.com"]\n[bundle]\nimage = "{bundle_image}"\n'
+        )
+        return path
+
+    return write
+
+
+def leftovers(engine, slug: str, smolvm_state: Path, home: Path) -> dict:
+    """Everything of a bottle that still exists anywhere, empty when it is fully gone."""
+    label = {"label": f"{LABEL_SLUG}={slug}"}
+    found = {
+        "networks": [n.name for n in engine.networks.list(filters=label)],
+        "containers": [c.name for c in engine.containers.list(all=True, filters=label)],
+        "machines": [m for m in fake_smolvm.machines(smolvm_state) if m == f"bottle-{slug}"],
+        "state": (home / "bottles" / slug).exists(),
+        "partial artifacts": [p.name for p in (home / "cache" / "artifacts").glob(".*partial*")],
+    }
+    return {k: v for k, v in found.items() if v}

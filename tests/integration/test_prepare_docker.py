@@ -34,6 +34,7 @@ def test_the_network_has_exactly_the_planned_subnet_gateway_and_labels(engine, m
         "bottle.managed": "true",
         "bottle.slug": manifest.slug,
         "bottle.backend": "smolmachines",
+        "bottle.owner": state.owner(),
     }
     assert plan.bundle_ip == plan.bundle_subnet.network_address + 2
 

@@ -102,6 +102,18 @@ def test_pool_comes_from_the_environment_and_is_validated(monkeypatch):
             parse_pool(bad)
 
 
+@pytest.mark.parametrize("pool", ["127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/8", "240.0.0.0/8", "100.64.0.0/10",
+                                  "192.0.2.0/24", "198.18.0.0/15", "172.0.0.0/8", "192.168.0.0/15"])  # fmt: skip
+def test_only_rfc_1918_ranges_make_a_pool(pool):
+    with pytest.raises(UsageError, match="inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"):
+        parse_pool(pool)
+
+
+@pytest.mark.parametrize("pool", ["10.0.0.0/8", "172.16.0.0/12", "172.31.0.0/16", "192.168.0.0/16", "10.9.8.0/24"])
+def test_every_rfc_1918_range_makes_a_pool(pool):
+    assert parse_pool(pool) == net(pool)
+
+
 def test_host_routes_are_read_from_the_kernel_table(tmp_path):
     table = tmp_path / "route"
     table.write_text(

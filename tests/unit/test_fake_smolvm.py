@@ -45,7 +45,7 @@ def write(tmp_path, text: str):
 
 def test_version(smolvm, monkeypatch):
     assert smolvm("--version") == (0, "smolvm 0.8.0\n", "")
-    monkeypatch.setenv("FAKE_SMOLVM_VERSION", "0.7.1")
+    monkeypatch.setenv("SMOLVM_FAKE_VERSION", "0.7.1")
     assert smolvm("--version")[1] == "smolvm 0.7.1\n"
 
 
@@ -141,7 +141,7 @@ def test_exec_needs_a_running_machine_and_a_command(smolvm, artifact):
 
 
 def test_failure_injection_and_call_recording(smolvm, artifact, monkeypatch):
-    monkeypatch.setenv("FAKE_SMOLVM_FAIL", "machine-create")
+    monkeypatch.setenv("SMOLVM_FAKE_FAIL", "machine-create")
     code, _, err = smolvm("machine", "create", "m", "--from", str(artifact))
     assert code == 1 and "injected" in err
     assert fake_smolvm.machines(smolvm.state) == {}

@@ -3,7 +3,8 @@ import signal
 import pytest
 
 from bottle.backend import BottleStatus
-from bottle.backends.smolmachines.launch import Undo, _drift
+from bottle.backends.smolmachines.launch import _drift
+from bottle.undo import Undo
 
 
 def test_undo_runs_newest_first_and_reports_what_it_could_not_undo():

@@ -9,7 +9,7 @@ from docker.types import IPAMConfig, IPAMPool
 
 from bottle.backend import PreflightReport
 from bottle.backends.smolmachines import SmolmachinesBackend, SmolmachinesBottlePlan
-from bottle.errors import DockerProblem, UsageError
+from bottle.errors import BottleError, DockerProblem, StateError, UsageError
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore
 from bottle.testing import FakeDocker
@@ -56,7 +56,7 @@ def test_prepare_creates_the_network_with_exact_subnet_gateway_and_labels(backen
     assert body["Name"] == "bottle-claude-code"
     assert body["Driver"] == "bridge"
     assert body["CheckDuplicate"] is True
-    assert body["Labels"] == LABELS
+    assert body["Labels"] == LABELS | {"bottle.owner": state.owner()}
     assert body["IPAM"]["Config"] == [
         {"Subnet": "192.168.38.0/24", "Gateway": "192.168.38.1", "IPRange": None, "AuxiliaryAddresses": None}
     ]
@@ -117,7 +117,7 @@ def test_prepare_twice_adopts_the_network_and_returns_an_equal_plan(backend, man
     calls = len(fake.engine.calls)
     second = prepare(backend, manifest, fake, state)
     assert second == first
-    assert [c.method for c in fake.engine.calls[calls:]] == ["GET"]  # one listing, nothing created
+    assert {c.method for c in fake.engine.calls[calls:]} == {"GET"}  # looks, creates nothing
     assert len(fake.networks.list(filters={"label": "bottle.slug=claude-code"})) == 1
 
 
@@ -153,9 +153,32 @@ def test_plan_creates_nothing_and_matches_what_prepare_then_does(backend, manife
 
 def test_a_foreign_network_with_our_name_is_an_error_not_adopted(backend, manifest, fake, state):
     foreign_network(fake, "bottle-claude-code", "10.9.0.0/24")
-    with pytest.raises(UsageError, match="exists but bottle did not create it"):
+    with pytest.raises(UsageError, match="exists but this bottle state directory did not create it"):
         prepare(backend, manifest, fake, state)
-    assert not state.root.exists()
+    assert not (state.root / "bottles").exists()
+
+
+def test_another_state_directorys_bottle_is_never_adopted(backend, manifest, fake, tmp_path):
+    theirs = prepare(backend, manifest, fake, StateStore(tmp_path / "theirs"))
+    with pytest.raises(UsageError, match="did not create it"):
+        prepare(backend, manifest, fake, StateStore(tmp_path / "mine"))
+    assert fake.networks.get(theirs.network_id).name == "bottle-claude-code"
+
+
+def test_copied_labels_without_the_owner_id_are_not_adoption(backend, manifest, fake, state):
+    state.owner(create=True)
+    ipam = IPAMConfig(pool_configs=[IPAMPool(subnet="192.168.38.0/24")])
+    fake.networks.create("lookalike", ipam=ipam, labels=LABELS | {"bottle.owner": "0" * 32})
+    plan = prepare(backend, manifest, fake, state)
+    assert plan.network_name == "bottle-claude-code" and str(plan.bundle_subnet) == "192.168.39.0/24"
+
+
+def test_a_network_with_someone_elses_container_on_it_is_not_adopted(backend, manifest, fake, state):
+    plan = prepare(backend, manifest, fake, state)
+    fake.engine.add_image("intruder:1")
+    fake.containers.create("intruder:1", name="intruder", network=plan.network_name).start()
+    with pytest.raises(BottleError, match="has container 'intruder' attached, which is not this bottle's bundle"):
+        prepare(backend, manifest, fake, state)
 
 
 def test_losing_a_race_for_the_subnet_retries_on_the_next_free_one(backend, manifest, fake, state):
@@ -188,23 +211,34 @@ def test_an_engine_error_is_one_sentence_and_leaves_nothing(backend, manifest, f
 
 def test_a_failure_after_creating_the_network_removes_it(backend, manifest, fake, state, mocker):
     before = set(fake.engine.networks)
-    mocker.patch("bottle.state.os.replace", side_effect=OSError("disk full"))
-    with pytest.raises(OSError):
+    mocker.patch("bottle.state.os.replace", side_effect=OSError(28, "No space left on device"))
+    with pytest.raises(StateError, match="cannot write .*: No space left on device"):
         prepare(backend, manifest, fake, state)
     assert set(fake.engine.networks) == before
+    assert not state.bottle_dir(manifest.slug).exists()
+
+
+def test_a_network_left_by_a_failed_undo_is_named_with_the_command_that_removes_it(
+    backend, manifest, fake, state, mocker
+):
+    state.owner(create=True)
+    mocker.patch("bottle.state.os.replace", side_effect=OSError(28, "No space left on device"))
+    fake.engine.fail_next("DELETE", "/networks/.+", 500, "engine on fire")
+    with pytest.raises(BottleError, match="could not remove: network bottle-claude-code .*`bottle down claude-code`"):
+        prepare(backend, manifest, fake, state)
 
 
 def test_a_failure_after_adopting_keeps_the_network(backend, manifest, fake, state, mocker):
     plan = prepare(backend, manifest, fake, state)
-    mocker.patch("bottle.state.os.replace", side_effect=OSError("disk full"))
-    with pytest.raises(OSError):
+    mocker.patch("bottle.state.os.replace", side_effect=OSError(28, "No space left on device"))
+    with pytest.raises(StateError):
         prepare(backend, manifest, fake, state)
     assert plan.network_id in fake.engine.networks
 
 
 def test_a_network_with_our_labels_but_no_single_24_is_refused(backend, manifest, fake, state):
     ipam = IPAMConfig(pool_configs=[IPAMPool(subnet="10.9.0.0/16")])
-    fake.networks.create("bottle-claude-code", ipam=ipam, labels=LABELS)
+    fake.networks.create("bottle-claude-code", ipam=ipam, labels=LABELS | {"bottle.owner": state.owner(create=True)})
     with pytest.raises(DockerProblem, match="has no single IPv4 /24"):
         prepare(backend, manifest, fake, state)
 
@@ -252,3 +286,19 @@ def test_a_credential_can_ask_for_a_placeholder_in_the_vm_never_the_secret(backe
     plan = prepare(backend, manifest, fake, state)
     assert plan.agent_env["ANTHROPIC_API_KEY"] == "bottle-placeholder-the-bundle-adds-the-real-key"
     assert "sk-ant-real" not in plan.model_dump_json() + plan.smolfile_path.read_text()
+
+
+def test_a_crash_between_the_ca_and_the_guest_certificate_is_repaired(backend, manifest, fake, state):
+    plan = prepare(backend, manifest, fake, state)
+    ca = (plan.bundle_dir / "ca" / "mitmproxy-ca.pem").read_bytes()
+    (plan.guest_dir / "ca.pem").unlink()
+    prepare(backend, manifest, fake, state)
+    assert (plan.guest_dir / "ca.pem").read_bytes() in ca  # the certificate of the CA the bundle has
+
+
+def test_a_damaged_ca_is_made_anew_with_a_matching_guest_certificate(backend, manifest, fake, state):
+    plan = prepare(backend, manifest, fake, state)
+    (plan.bundle_dir / "ca" / "mitmproxy-ca.pem").write_bytes(b"-----BEGIN half a key")
+    prepare(backend, manifest, fake, state)
+    ca = (plan.bundle_dir / "ca" / "mitmproxy-ca.pem").read_bytes()
+    assert b"PRIVATE KEY" in ca and (plan.guest_dir / "ca.pem").read_bytes() in ca

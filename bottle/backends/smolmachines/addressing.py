@@ -13,6 +13,9 @@ from pathlib import Path
 from bottle.errors import AddressPoolExhausted, UsageError
 
 DEFAULT_POOL = IPv4Network("192.168.0.0/16")
+# The only ranges a pool may come from (RFC 1918). Python's `is_private` also says yes to loopback,
+# link-local, 0/8 and 240/4, where a docker bridge would shadow the host's own traffic.
+POOL_RANGES = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 POOL_ENV = "BOTTLE_SUBNET_POOL"
 # A /24 whose third octet is 17 is never handed out: 172.17.0.0/16 is Docker's default bridge, and
 # x.x.17.0/24 is skipped in every pool so a bottle's subnet never depends on which pool is configured.
@@ -33,13 +36,16 @@ class Addresses:
 
 
 def parse_pool(text: str) -> IPv4Network:
-    """Validate a pool given by the user: a private IPv4 network from /8 to /24."""
+    """Validate a pool given by the user: an RFC 1918 IPv4 network from /8 to /24."""
     try:
         pool = IPv4Network(text.strip())
     except ValueError:
         raise UsageError(f"{POOL_ENV}={text!r} is not an IPv4 network such as 10.0.0.0/8") from None
-    if not (8 <= pool.prefixlen <= 24 and pool.is_private):
-        raise UsageError(f"{POOL_ENV}={text!r} must be a private IPv4 network between /8 and /24")
+    if not (8 <= pool.prefixlen <= 24 and any(pool.subnet_of(r) for r in POOL_RANGES)):
+        raise UsageError(
+            f"{POOL_ENV}={text!r} must be a private IPv4 network between /8 and /24 inside "
+            "10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+        )
     return pool
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -17,47 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import requests
 from docker.models.containers import Container
 
-from bottle.backend import LABEL_BACKEND, LABEL_MANAGED, LABEL_SLUG, BottleStatus, labels
+from bottle.backend import (
+    LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, labels, owned_slug, why_not_owned,
+)  # fmt: skip
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.backends.smolmachines.prepare import BACKEND, GUEST_DIR, prepare_parts, resource_name, secret_name
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.bundle import SECRETS_FILE
-from bottle.errors import BottleError, StepFailed
-from bottle.manifest import Manifest
-from bottle.state import PLAN_FILE, StateStore, write_private
+from bottle.errors import BottleError, StateError, StepFailed
+from bottle.manifest import Manifest, is_slug
+from bottle.state import StateStore
+from bottle.undo import Undo
 
 Progress = Callable[[str, str], None]
 
 
-class Undo:
-    """A stack of clean-up actions; `run` performs them newest first and cannot be interrupted."""
-
-    def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], Any]]] = []
-
-    def push(self, what: str, action: Callable[[], Any]) -> None:
-        self._actions.append((what, action))
-
-    def run(self) -> list[str]:
-        """Undo everything; return what could not be undone (each with its reason)."""
-        failed = []
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not strand resources
-        try:
-            while self._actions:
-                what, action = self._actions.pop()
-                try:
-                    action()
-                except Exception as exc:  # keep undoing the rest; report what is left
-                    failed.append(f"{what} ({exc})")
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return failed
-
-
-def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan) -> None:
+def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan, state: StateStore) -> None:
     """Read each credential's secret on the host and hand it to the bundle only (0600, never to the VM)."""
     secrets = {}
     for index, credential in enumerate(manifest.egress.credentials):
@@ -74,7 +52,7 @@ def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan) -> None:
         if not value:
             raise StepFailed("secrets", f"credential for {credential.host}: {source} is not set or empty")
         secrets[secret_name(index)] = value
-    write_private(plan.bundle_dir / SECRETS_FILE, json.dumps(secrets).encode())
+    state.write_private(plan.bundle_dir / SECRETS_FILE, json.dumps(secrets).encode())
 
 
 def _tcp_accepts(ip: str, port: int) -> bool:
@@ -85,22 +63,23 @@ def _tcp_accepts(ip: str, port: int) -> bool:
         return False
 
 
-def _bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan) -> Container | None:
+def _bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, owner: str) -> Container | None:
     try:
         container = client.containers.get(plan.bundle_container_name)
     except docker.errors.NotFound:
         return None
-    if (container.labels or {}).get(LABEL_SLUG) != plan.slug:
+    found = container.labels or {}
+    if owned_slug(found, BACKEND, owner) != plan.slug or found.get(LABEL_ROLE) != "bundle":
         raise BottleError(
-            f"a container named '{plan.bundle_container_name}' exists but bottle did not create it; "
+            f"a container named '{plan.bundle_container_name}' exists but this bottle state directory did not create it; "
             f"remove it (`docker rm -f {plan.bundle_container_name}`) or rename the bottle"
         )
     return container
 
 
-def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, undo: Undo) -> None:
+def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, owner: str, undo: Undo) -> None:
     """Run the bundle at its pinned IP on the bottle's network, config mounted read-only; adopt it if running."""
-    container = _bundle(client, plan)
+    container = _bundle(client, plan, owner)
     if container is not None:
         if container.status != "running":
             container.start()
@@ -115,7 +94,7 @@ def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, undo
     container = client.containers.create(
         plan.bundle_image,
         name=plan.bundle_container_name,
-        labels=labels(plan.slug, BACKEND) | {"bottle.role": "bundle"},
+        labels=labels(plan.slug, BACKEND, owner) | {LABEL_ROLE: "bundle"},
         network=plan.network_name,
         networking_config={plan.network_name: endpoint},
         volumes={str(plan.bundle_dir): {"bind": "/etc/bottle", "mode": "ro"}},
@@ -150,7 +129,9 @@ def wait_until_ready(client: docker.DockerClient, plan: SmolmachinesBottlePlan, 
         time.sleep(0.1)
 
 
-def ensure_artifact(smolvm: Smolvm, plan: SmolmachinesBottlePlan, *, repack: bool, on_step: Progress) -> None:
+def ensure_artifact(
+    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, *, repack: bool, on_step: Progress
+) -> None:
     """Pack the agent image once per image (and smolvm version); reuse the cached .smolmachine after that.
 
     The artifact is packed under a temporary name and renamed into place, so an interrupted pack never
@@ -158,20 +139,22 @@ def ensure_artifact(smolvm: Smolvm, plan: SmolmachinesBottlePlan, *, repack: boo
     """
     stamp_path = plan.artifact_path.with_suffix(".json")
     stamp = {"image": plan.agent_image, "smolvm_version": plan.smolvm_version}
-    if not repack and plan.artifact_path.exists() and stamp_path.exists():
-        if json.loads(stamp_path.read_text()) == stamp:
-            on_step("pack", f"reusing {plan.artifact_path}")
-            return
-    plan.artifact_path.parent.mkdir(parents=True, exist_ok=True)
+    if not repack and plan.artifact_path.exists() and state.read(stamp_path) == json.dumps(stamp).encode():
+        on_step("pack", f"reusing {plan.artifact_path}")
+        return
+    state.private_dir(plan.artifact_path.parent)
     partial = plan.artifact_path.with_name(f".{plan.artifact_path.stem}.{os.getpid()}.partial.smolmachine")
     on_step("pack", f"packing {plan.agent_image} (this can take minutes)")
     started = time.monotonic()
     try:
         smolvm.pack(plan.agent_image, partial)
+        os.chmod(partial, 0o600, follow_symlinks=False)  # smolvm made it under its own umask
         os.replace(partial, plan.artifact_path)
+    except OSError as exc:
+        raise StateError(f"cannot store the packed image at {plan.artifact_path}: {exc.strerror or exc}") from None
     finally:
         partial.unlink(missing_ok=True)
-    write_private(stamp_path, json.dumps(stamp).encode())
+    state.write_private(stamp_path, json.dumps(stamp).encode())
     on_step("pack", f"packed in {time.monotonic() - started:.0f} s")
 
 
@@ -199,6 +182,8 @@ def _step(name: str, action: Callable[[], Any]) -> Any:
         raise StepFailed(name, str(exc)) from exc
     except docker.errors.DockerException as exc:
         raise StepFailed(name, f"the Docker Engine failed: {exc}") from exc
+    except requests.exceptions.RequestException as exc:
+        raise StepFailed(name, f"the Docker Engine stopped answering ({type(exc).__name__})") from exc
 
 
 def up(
@@ -214,54 +199,64 @@ def up(
 ) -> SmolmachinesBottlePlan:
     """Bring the bottle up, or adopt the parts that are already up; undo this run's work on any failure."""
     undo = Undo()
-    if not (state.bottle_dir(manifest.slug) / PLAN_FILE).exists():
-        undo.push("state", lambda: state.remove_bottle(manifest.slug))
     try:
-        plan, network = _step("network", lambda: prepare_parts(manifest, client, state, **prepare_options))
-        if network is not None:
-            undo.push(f"network {network.name}", network.remove)
-        state.save_plan(plan)
+        plan = _step("network", lambda: prepare_parts(manifest, client, state, undo, **prepare_options))
+        owner = state.owner(create=True)
         on_step("network", f"{plan.network_name} {plan.bundle_subnet}")
-        _step("secrets", lambda: write_secrets(manifest, plan))
-        _step("bundle start", lambda: start_bundle(client, plan, undo))
+        _step("secrets", lambda: write_secrets(manifest, plan, state))
+        _step("bundle start", lambda: start_bundle(client, plan, owner, undo))
         on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
         _step("bundle ready", lambda: wait_until_ready(client, plan, ready_timeout))
         on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
-        _step("pack", lambda: ensure_artifact(smolvm, plan, repack=repack, on_step=on_step))
+        _step("pack", lambda: ensure_artifact(smolvm, plan, state, repack=repack, on_step=on_step))
         _step("machine", lambda: ensure_machine(smolvm, plan, undo, on_step))
         _step("exec", lambda: smolvm.probe(plan.machine_name))
         on_step("exec", f"{plan.machine_name} runs commands")
     except BaseException as exc:
         left = undo.run()
         if isinstance(exc, StepFailed):
-            tail = f"; could not remove: {', '.join(left)}" if left else "; what this run created was removed"
+            tail = (
+                f"; could not remove: {', '.join(left)}; `bottle down {manifest.slug}` removes them once that works"
+                if left else "; what this run created was removed"
+            )  # fmt: skip
             raise StepFailed(exc.step, exc.reason + tail) from exc
         raise
     return plan
 
 
+def _owns_machine(machine: dict[str, Any], slug: str, owner: str | None, plan: dict | None) -> bool:
+    """A smolvm machine is this state root's if it carries the owner's labels, or if its plan names it."""
+    if owned_slug(machine.get("labels"), BACKEND, owner) == slug:
+        return True
+    return plan is not None and plan.get("backend") == BACKEND and plan.get("machine_name") == resource_name(slug)
+
+
 def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[str]:
     """Remove the bottle's machine, bundle, network and state, whatever of them exists; keep the cache.
 
-    Every part is attempted even when one fails; the failures are raised together at the end.
+    Only what this state root owns is touched: docker resources carrying its owner label, and the
+    machine its plan names. Every part is attempted even when one fails; the failures are raised
+    together at the end.
     """
     removed: list[str] = []
     failed: list[str] = []
     name = resource_name(slug)
-    selector = {"label": [f"{LABEL_SLUG}={slug}", f"{LABEL_BACKEND}={BACKEND}"]}
+    owner = state.owner()
+    selector = {"label": [f"{key}={value}" for key, value in labels(slug, BACKEND, owner or "none").items()]}
 
     def machine() -> None:
-        if smolvm.installed and name in smolvm.machines():
-            smolvm.delete(name)
-            removed.append(f"machine {name}")
+        if smolvm.installed and (found := smolvm.machines().get(name)) is not None:
+            if _owns_machine(found, slug, owner, state.read_plan_data(slug)):
+                smolvm.delete(name)
+                removed.append(f"machine {name}")
 
     def containers() -> None:
-        for container in client.containers.list(all=True, filters=selector):
+        for container in client.containers.list(all=True, filters=selector) if owner else []:
             container.remove(force=True)
             removed.append(f"container {container.name}")
 
     def networks() -> None:
-        for network in client.networks.list(filters=selector):
+        for network in client.networks.list(filters=selector) if owner else []:
             network.remove()
             removed.append(f"network {network.name}")
 
@@ -272,7 +267,7 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
     for part, action in [("machine", machine), ("bundle", containers), ("network", networks), ("state", files)]:
         try:
             action()
-        except (BottleError, docker.errors.DockerException, OSError) as exc:
+        except (BottleError, docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
             failed.append(f"{part}: {exc}")
     if failed:
         done = f" (removed: {', '.join(removed)})" if removed else ""
@@ -281,20 +276,44 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
 
 
 def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[BottleStatus]:
-    """Every smolmachines bottle this machine has a trace of: on disk, in docker, or in smolvm."""
+    """Every smolmachines bottle this machine has a trace of: on disk, in docker, or in smolvm.
+
+    A resource that carries bottle's labels but is not this state root's (another BOTTLE_HOME's, or a
+    container that inherited the labels from its image) is listed as foreign, by its own name: its
+    labels never become a slug or a path.
+    """
+    owner = state.owner()
     selector = {"label": [LABEL_MANAGED, f"{LABEL_BACKEND}={BACKEND}"]}
-    networks = {n.attrs["Labels"][LABEL_SLUG]: n for n in client.networks.list(filters=selector)}
-    bundles = {c.labels[LABEL_SLUG]: c for c in client.containers.list(all=True, filters=selector)}
-    listed = smolvm.machines() if smolvm.installed else {}
-    machines = {name.removeprefix("bottle-"): m for name, m in listed.items() if name.startswith("bottle-")}
+    networks: dict[str, Any] = {}
+    bundles: dict[str, Any] = {}
+    foreign: list[BottleStatus] = []
+    found = [("network", n, n.attrs.get("Labels")) for n in client.networks.list(filters=selector)]
+    found += [("container", c, c.labels) for c in client.containers.list(all=True, filters=selector)]
+    for kind, resource, resource_labels in found:
+        slug = owned_slug(resource_labels, BACKEND, owner)
+        if slug is None:
+            why = f"carries bottle's labels but {why_not_owned(resource_labels, BACKEND, owner)}"
+            foreign.append(_foreign(f"{kind} {resource.name}", why, f"docker {kind} rm {resource.name}"))
+        else:
+            (networks if kind == "network" else bundles)[slug] = resource
     plans = {}
     for slug in state.slugs():
         data = state.read_plan_data(slug)
         if data and data.get("backend") == BACKEND:
-            plans[slug] = SmolmachinesBottlePlan.model_validate(data)
+            plans[slug] = data
+    machines = {}
+    for name, machine in (smolvm.machines() if smolvm.installed else {}).items():
+        slug = name.removeprefix("bottle-")
+        if not name.startswith("bottle-"):
+            continue
+        if is_slug(slug) and _owns_machine(machine, slug, owner, plans.get(slug)):
+            machines[slug] = machine
+        else:
+            why = "is named like a bottle's but has no plan in this state directory and no owner label"
+            foreign.append(_foreign(f"smolvm machine {name}", why, f"smolvm machine delete {name} --force"))
     result = []
     for slug in sorted(set(plans) | set(networks) | set(bundles) | set(machines)):
-        plan = plans.get(slug)
+        plan = SmolmachinesBottlePlan.model_validate(plans[slug]) if slug in plans else None
         parts = {
             "network": "present" if slug in networks else "missing",
             "bundle": bundles[slug].status if slug in bundles else "missing",
@@ -310,7 +329,20 @@ def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm) ->
                 drift=_drift(parts, has_plan=plan is not None),
             )
         )
-    return result
+    return result + foreign
+
+
+def _foreign(what: str, why: str, command: str) -> BottleStatus:
+    """A resource with bottle's labels that bottle will not touch, named by what it is, not by its labels."""
+    return BottleStatus(
+        slug="".join(c for c in what.rsplit(" ", 1)[-1] if c.isascii() and c.isprintable())[:80],
+        name=None,
+        backend=BACKEND,
+        address=None,
+        parts={},
+        drift=[f"{what} {why}; bottle leaves it alone (`{command}` removes it)"],
+        foreign=True,
+    )
 
 
 def _drift(parts: dict[str, str], *, has_plan: bool) -> list[str]:

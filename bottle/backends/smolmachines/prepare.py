@@ -12,16 +12,17 @@ import docker
 from docker.models.networks import Network
 from docker.types import IPAMConfig, IPAMPool
 
-from bottle.backend import LABEL_BACKEND, LABEL_SLUG, labels
+from bottle.backend import LABEL_ROLE, labels, owned_slug
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.bundle import CA_DIR, CONFIG_FILE
-from bottle.bundle.ca import CA_FILE, create_ca
+from bottle.bundle.ca import CA_FILE, create_ca, split_ca
 from bottle.bundle.policy import BundleConfig, Credential
-from bottle.errors import DockerProblem, UsageError
+from bottle.errors import BottleError, DockerProblem, UsageError
 from bottle.manifest import PLACEHOLDER, Manifest
-from bottle.state import StateStore, make_private_dir, write_private
+from bottle.state import PLAN_FILE, StateStore
+from bottle.undo import Undo
 
 BACKEND = "smolmachines"
 SMOLFILE = "Smolfile"
@@ -67,25 +68,31 @@ def secret_name(index: int) -> str:
     return f"credential-{index}"
 
 
-def ensure_ca(plan: SmolmachinesBottlePlan) -> None:
-    """Create the bottle's CA once: key and cert for the bundle (0600), the cert alone for the VM."""
+def ensure_ca(plan: SmolmachinesBottlePlan, state: StateStore) -> None:
+    """Make the bottle's CA once, key and cert for the bundle (0600), and the cert alone for the VM.
+
+    The two files are checked together on every run: a CA file that does not parse is made anew, and a
+    guest certificate that is missing or not the CA's own (a crash between the two writes) is rewritten.
+    """
     ca_file = plan.bundle_dir / CA_DIR / CA_FILE
-    if ca_file.exists():
-        return
-    key_pem, cert_pem = create_ca(f"bottle {plan.slug} CA")
-    guest_dir = make_private_dir(plan.guest_dir)
-    write_private(make_private_dir(ca_file.parent) / CA_FILE, key_pem + cert_pem)
-    write_private(guest_dir / "ca.pem", cert_pem)
+    guest_file = plan.guest_dir / "ca.pem"
+    found = state.read(ca_file)
+    pair = split_ca(found) if found else None
+    if pair is None:
+        pair = create_ca(f"bottle {plan.slug} CA")
+        state.write_private(ca_file, pair[0] + pair[1])
+    cert_pem = pair[1]
+    if state.read(guest_file) != cert_pem:
+        state.write_private(guest_file, cert_pem)
 
 
-def survey(client: docker.DockerClient, slug: str) -> tuple[Network | None, list[IPv4Network]]:
-    """Find this bottle's own network (by label) and the subnets every other network holds."""
+def survey(client: docker.DockerClient, slug: str, owner: str | None) -> tuple[Network | None, list[IPv4Network]]:
+    """Find this bottle's own network (by its owner's labels) and the subnets every other network holds."""
     own: Network | None = None
     taken: list[IPv4Network] = []
     name = resource_name(slug)
     for network in client.networks.list():
-        attrs_labels = network.attrs.get("Labels") or {}
-        if attrs_labels.get(LABEL_SLUG) == slug and attrs_labels.get(LABEL_BACKEND) == BACKEND:
+        if owned_slug(network.attrs.get("Labels"), BACKEND, owner) == slug:
             if own is not None:
                 raise DockerProblem(
                     f"docker networks {own.name} and {network.name} both claim bottle '{slug}'; "
@@ -94,12 +101,32 @@ def survey(client: docker.DockerClient, slug: str) -> tuple[Network | None, list
             own = network
         elif network.name == name:
             raise UsageError(
-                f"a docker network named '{name}' exists but bottle did not create it; "
+                f"a docker network named '{name}' exists but this bottle state directory did not create it; "
                 f"remove it (`docker network rm {name}`) or rename the bottle"
             )
         else:
             taken.extend(ipv4_subnets(network.attrs))
     return own, taken
+
+
+def check_members(client: docker.DockerClient, network: Network, slug: str, owner: str) -> None:
+    """Refuse to adopt a network that holds a container other than this bottle's own bundle.
+
+    Anything else on the network could reach the bundle's proxy port and borrow its credentials.
+    """
+    members = client.api.inspect_network(network.id).get("Containers") or {}
+    for container_id, member in members.items():
+        try:
+            found = client.api.inspect_container(container_id)["Config"].get("Labels")
+        except docker.errors.NotFound:
+            continue  # it left between the two looks
+        if owned_slug(found, BACKEND, owner) != slug or (found or {}).get(LABEL_ROLE) != "bundle":
+            who = member.get("Name") or container_id[:12]
+            raise BottleError(
+                f"docker network {network.name} has container '{who}' attached, which is not this bottle's "
+                f"bundle and could reach its proxy; remove it (`docker network disconnect -f {network.name} {who}`) "
+                "and try again"
+            )
 
 
 def adopted_addresses(network: Network) -> Addresses:
@@ -150,7 +177,7 @@ def plan(
     smolvm_version: str | None,
 ) -> SmolmachinesBottlePlan:
     """The plan `prepare` would make now; only lists docker networks."""
-    own, taken = survey(client, manifest.slug)
+    own, taken = survey(client, manifest.slug, state.owner())
     if own is not None:
         return build_plan(manifest, adopted_addresses(own), own.id, state, smolvm_version)
     addresses = Addresses.of(derive_subnet(manifest.slug, pool, taken + routes))
@@ -158,20 +185,22 @@ def plan(
 
 
 def _create_network(
-    client: docker.DockerClient, slug: str, pool: IPv4Network, routes: list[IPv4Network]
+    client: docker.DockerClient, slug: str, owner: str, pool: IPv4Network, routes: list[IPv4Network]
 ) -> tuple[Network, bool]:
     """Adopt the bottle's network or create it; return it and whether this call created it."""
     lost: list[IPv4Network] = []  # subnets another process won while we tried; never tried twice
     for _ in range(CREATE_ATTEMPTS):
-        own, taken = survey(client, slug)
+        own, taken = survey(client, slug, owner)
         if own is not None:
+            check_members(client, own, slug, owner)
             return own, False
         addresses = Addresses.of(derive_subnet(slug, pool, taken + routes + lost))
         ipam = IPAMConfig(pool_configs=[IPAMPool(subnet=str(addresses.subnet), gateway=str(addresses.gateway))])
         try:
             network = client.networks.create(
-                resource_name(slug), driver="bridge", ipam=ipam, labels=labels(slug, BACKEND), check_duplicate=True
-            )
+                resource_name(slug), driver="bridge", ipam=ipam, labels=labels(slug, BACKEND, owner),
+                check_duplicate=True,
+            )  # fmt: skip
             return network, True
         except docker.errors.APIError as exc:
             # Another process took the name or the subnet between our look and our create: look again,
@@ -191,27 +220,40 @@ def prepare_parts(
     manifest: Manifest,
     client: docker.DockerClient,
     state: StateStore,
+    undo: Undo,
     *,
     pool: IPv4Network,
     routes: list[IPv4Network],
     smolvm_version: str | None,
-) -> tuple[SmolmachinesBottlePlan, Network | None]:
-    """Do `prepare`; also return the network if this call created it, so a caller can undo that."""
-    network, created = _create_network(client, manifest.slug, pool, routes)
-    try:
-        addresses = adopted_addresses(network)
-        result = build_plan(manifest, addresses, network.id, state, smolvm_version)
-        make_private_dir(result.bundle_dir)
-        smolfile.write(result.smolfile_path, smolfile.build(result.agent_env, result.bundle_ip))
-        write_private(result.bundle_dir / CONFIG_FILE, bundle_config(manifest, addresses))
-        ensure_ca(result)
-    except BaseException:
-        if created:
-            network.remove()
-        raise
-    return result, network if created else None
+) -> SmolmachinesBottlePlan:
+    """Do `prepare` and save the plan; push onto `undo` how to remove what this call created."""
+    slug = manifest.slug
+    if state.read(state.bottle_dir(slug) / PLAN_FILE) is None:
+        undo.push(f"state {state.bottle_dir(slug)}", lambda: state.remove_bottle(slug))
+    owner = state.owner(create=True)
+    network, created = _create_network(client, slug, owner, pool, routes)
+    if created:
+        undo.push(f"network {network.name}", network.remove)
+    addresses = adopted_addresses(network)
+    result = build_plan(manifest, addresses, network.id, state, smolvm_version)
+    state.write_private(result.smolfile_path, smolfile.render(smolfile.build(result.agent_env, result.bundle_ip)).encode())
+    state.write_private(result.bundle_dir / CONFIG_FILE, bundle_config(manifest, addresses))
+    ensure_ca(result, state)
+    state.save_plan(result)
+    return result
 
 
 def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, **options) -> SmolmachinesBottlePlan:
-    """Create the bottle's network (or adopt it), write its Smolfile and bundle config, return its plan."""
-    return prepare_parts(manifest, client, state, **options)[0]
+    """Create the bottle's network (or adopt it), write its Smolfile and bundle config, save its plan.
+
+    If anything fails, what this call created is removed again.
+    """
+    undo = Undo()
+    try:
+        return prepare_parts(manifest, client, state, undo, **options)
+    except Exception as exc:
+        undo.raise_with_leftovers(exc, manifest.slug)
+        raise
+    except BaseException:
+        undo.run()
+        raise

@@ -1,19 +1,17 @@
 """The Smolfile bottle hands smolvm: built as data, rendered with tomli-w, written 0600.
 
 smolvm 0.8.0 parses Smolfiles with `deny_unknown_fields`; bottle's holds exactly two things, the agent's
-`env` (sorted `KEY=VALUE`) and `[network] allow_cidrs = ["<bundle-ip>/32"]`, nothing else.
+`env` (sorted `KEY=VALUE`) and `[network] allow_cidrs = ["<bundle-ip>/32"]`, nothing else. `prepare`
+writes it with `StateStore.write_private`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any
 
 import tomli_w
-
-from bottle.state import write_private
 
 
 def build(env: Mapping[str, str], bundle_ip: IPv4Address) -> dict[str, Any]:
@@ -26,11 +24,6 @@ def build(env: Mapping[str, str], bundle_ip: IPv4Address) -> dict[str, Any]:
 
 def render(smolfile: Mapping[str, Any]) -> str:
     return tomli_w.dumps(smolfile)
-
-
-def write(path: Path, smolfile: Mapping[str, Any]) -> None:
-    """Write the Smolfile atomically, private to the owner from its first byte."""
-    write_private(path, render(smolfile).encode())
 
 
 def flags(smolfile: Mapping[str, Any]) -> list[str]:

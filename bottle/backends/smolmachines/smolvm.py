@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from bottle.errors import StepFailed
+
+# What smolvm is started with: the host's environment is not passed on, since it may hold the very
+# credentials bottle keeps out of the VM. Names here, plus smolvm's own SMOLVM_* settings.
+PASSED_ENV = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+    "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME",
+    "TERM", "COLORTERM", "COLUMNS", "LINES",
+})  # fmt: skip
+
+
+def smolvm_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The environment smolvm runs with: the few variables it needs, and no secret of the host's."""
+    return {k: v for k, v in environ.items() if k in PASSED_ENV or k.startswith("SMOLVM_")}
 
 
 class Smolvm:
@@ -33,6 +47,7 @@ class Smolvm:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if show_progress else subprocess.PIPE,
                 text=True,
+                env=smolvm_environment(os.environ),
             )
         except OSError as exc:
             raise StepFailed(step, f"could not run {self.executable}: {exc.strerror}") from None
@@ -84,4 +99,4 @@ class Smolvm:
     def attach(self, name: str, command: list[str], *, tty: bool) -> int:
         """Run the agent with the user's terminal attached; return its exit code."""
         args = ["machine", "exec", "--name", name, *(["-i", "-t"] if tty else ["-i"]), "--", *command]
-        return subprocess.run([self.executable, *args], check=False).returncode
+        return subprocess.run([self.executable, *args], check=False, env=smolvm_environment(os.environ)).returncode

@@ -1,0 +1,46 @@
+"""Undo: what a command created, removed again newest first when a later step fails or is interrupted."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from bottle.errors import BottleError
+
+
+class Undo:
+    """A stack of clean-up actions; `run` performs them newest first and cannot be interrupted."""
+
+    def __init__(self) -> None:
+        self._actions: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, what: str, action: Callable[[], Any]) -> None:
+        self._actions.append((what, action))
+
+    def run(self) -> list[str]:
+        """Undo everything; return what could not be undone (each with its reason)."""
+        failed = []
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not strand resources
+        try:
+            while self._actions:
+                what, action = self._actions.pop()
+                try:
+                    action()
+                except requests.exceptions.RequestException:  # its text is a nested repr, not a reason
+                    failed.append(f"{what} (the Docker Engine stopped answering)")
+                except Exception as exc:  # keep undoing the rest; report what is left
+                    failed.append(f"{what} ({exc})")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return failed
+
+    def raise_with_leftovers(self, exc: Exception, slug: str) -> None:
+        """Undo after `exc`; if something could not be removed, raise a BottleError that names it and the fix."""
+        left = self.run()
+        if left:
+            raise BottleError(
+                f"{exc}; could not remove: {', '.join(left)}; `bottle down {slug}` removes them once that works again"
+            ) from exc
