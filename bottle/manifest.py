@@ -237,4 +237,9 @@ def load_manifest(path: Path) -> Manifest:
         raise ManifestError(f"{path}: cannot be read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: not valid TOML: {exc}") from None
-    return parse_manifest(data, str(path))
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ManifestError(f"{path}: nested too deeply to be a bottle manifest") from None
+    try:
+        return parse_manifest(data, str(path))
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply to be a bottle manifest") from None

@@ -16,14 +16,18 @@ from pathlib import Path
 
 from bottle.bundle import CA_DIR, CONFIG_FILE, SECRETS_FILE
 from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink
-from bottle.bundle.ca import CA_FILE
-from bottle.bundle.policy import BundleConfig, Policy, Resolver, resolve
+from bottle.bundle.ca import CA_FILE, split_ca
+from bottle.bundle.policy import BundleConfig, Policy, Resolver, is_header_value, resolve
 
 CONFIG_DIR = Path(os.environ.get("BOTTLE_BUNDLE_DIR", "/etc/bottle"))
 
 
 def load_secrets(path: Path, config: BundleConfig) -> dict[str, str]:
-    """The secrets file (name -> value); every secret a credential names must be in it."""
+    """The secrets file (a JSON object, name -> value); every secret a credential names must be in it.
+
+    Each value must be a non-empty string that can go in a header as it is: no CR, LF or other control
+    character, which would let a secret inject headers of its own.
+    """
     needed = {c.secret for c in config.credentials}
     if not needed:
         return {}
@@ -31,10 +35,27 @@ def load_secrets(path: Path, config: BundleConfig) -> dict[str, str]:
         secrets = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the bundle's secrets {path}: {exc}") from None
+    if not isinstance(secrets, dict):
+        raise ValueError(f"the bundle's secrets file {path} is not a JSON object")
     missing = sorted(needed - set(secrets))
     if missing:
         raise ValueError(f"the bundle's secrets file has no value for {', '.join(missing)}")
-    return {name: str(secrets[name]) for name in needed}
+    unusable = sorted(name for name in needed if not is_header_value(secrets[name]))
+    if unusable:
+        raise ValueError(
+            f"the bundle's secrets {', '.join(unusable)} are not non-empty strings free of control characters"
+        )
+    return {name: secrets[name] for name in needed}
+
+
+def check_ca(path: Path) -> None:
+    """The CA file must hold a private key and the certificate that goes with it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the bundle's CA {path} ({exc.strerror}); run `bottle prepare` again") from None
+    if split_ca(data) is None:
+        raise ValueError(f"the bundle's CA {path} is not a key and its certificate; run `bottle prepare` again")
 
 
 async def serve(
@@ -55,7 +76,7 @@ async def serve(
         shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
         opts = options.Options(listen_host=listen_host, listen_port=config.port, confdir=confdir)
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-        master.options.update(connection_strategy="lazy", termlog_verbosity="warn")
+        master.options.update(connection_strategy="lazy", termlog_verbosity="warn", ssl_insecure=False)
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
@@ -67,8 +88,7 @@ def main() -> int:
         config = BundleConfig.load(CONFIG_DIR / CONFIG_FILE)
         secrets = load_secrets(CONFIG_DIR / SECRETS_FILE, config)
         ca_file = CONFIG_DIR / CA_DIR / CA_FILE
-        if not ca_file.is_file():
-            raise ValueError(f"the bundle's CA {ca_file} is missing; run `bottle prepare` again")
+        check_ca(ca_file)
     except ValueError as exc:
         print(f"bottle-bundle: {exc}; refusing to start", file=sys.stderr)
         return 2

@@ -1,26 +1,37 @@
 """bottle's policy as a mitmproxy addon: allow or refuse, inject credentials, write the audit log.
 
 Every check happens before any packet leaves for the destination (the proxy runs with
-`connection_strategy=lazy`): CONNECT and plain requests are checked by name and resolved address, and
-`server_connect` resolves and checks once more and pins the connection to the address it checked, so a
-name that re-resolves to somewhere else between the two (DNS rebinding) cannot slip through.
+`connection_strategy=lazy`). One place, `destination`, decides where a request goes: every name the
+request carries (the CONNECT authority, the TLS server name, `Host`/`:authority`, the request target's
+own authority) must name the same host and port, or the request is refused. The host is then checked
+by name and by resolved address, and `server_connect` connects to exactly the address that was checked,
+so a name that re-resolves elsewhere (DNS rebinding) cannot slip through. Names resolve on a thread
+pool with a timeout, never on the proxy's event loop, so one slow name stalls no other request.
+
+A credential is added only to requests inside a CONNECT tunnel to its host whose TLS the bundle
+terminates and whose upstream TLS the bundle opens with that host as server name and verifies against
+it: never in cleartext, never towards a name the agent picked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mitmproxy import http, tls
+from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
-from bottle.bundle.policy import Decision, Policy, redact_query
+from bottle.bundle.policy import Decision, Policy, redact_path
 
 AuditSink = Callable[[dict[str, Any]], None]
+DNS_TIMEOUT = 5.0  # seconds one name may take to resolve before its request is refused
+DECISION_TTL = 2.0  # seconds a decision (with its checked address) is reused for the same host and port
 
 
 def stdout_sink(entry: dict[str, Any]) -> None:
@@ -29,69 +40,170 @@ def stdout_sink(entry: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _host_of(authority: str | None) -> str | None:
-    """The host in a Host header or :authority (without port or brackets), lower-case."""
-    if not authority:
-        return None
-    try:
-        host, _ = url.parse_authority(authority, check=False)
-    except ValueError:
-        return authority.lower()
+def _name(host: str) -> str:
     return host.lower().rstrip(".")
+
+
+def _authority(value: str) -> tuple[str, int | None] | None:
+    """(host, port) of a Host header or authority, or None if it does not parse as one."""
+    try:
+        host, port = url.parse_authority(value, check=True)
+    except ValueError:
+        return None
+    return _name(host), port
 
 
 class BottlePolicy:
     """The mitmproxy addon. `secrets` maps secret names to values; they are only ever put in headers."""
 
-    def __init__(self, policy: Policy, secrets: dict[str, str], audit: AuditSink = stdout_sink):
+    def __init__(self, policy: Policy, secrets: dict[str, str], audit: AuditSink = stdout_sink,
+                 *, dns_timeout: float = DNS_TIMEOUT):  # fmt: skip
         self.policy = policy
         self.secrets = secrets
         self.audit = audit
+        self.dns_timeout = dns_timeout
+        self._resolving = ThreadPoolExecutor(max_workers=32, thread_name_prefix="bottle-dns")
+        self._decisions: dict[tuple[str, int], tuple[float, Decision]] = {}
+        self._tunnels: dict[str, tuple[str, int]] = {}  # client connection id -> its CONNECT host and port
+        self._passthrough: set[str] = set()  # client connections tunnelled without interception
 
-    def _log(self, decision: Decision | None, **fields: Any) -> None:
+    # -- deciding
+
+    async def decide(self, host: str, port: int) -> Decision:
+        """The policy's decision for host:port, resolved off the event loop, reused for DECISION_TTL seconds.
+
+        Reusing a decision is safe: its address is the one that was checked, and it is where we connect.
+        """
+        key = (_name(host), port)
+        cached = self._decisions.get(key)
+        if cached is not None and time.monotonic() - cached[0] < DECISION_TTL:
+            return cached[1]
+        loop = asyncio.get_running_loop()
+        try:
+            decision = await asyncio.wait_for(
+                loop.run_in_executor(self._resolving, self.policy.decide, *key), self.dns_timeout
+            )
+        except asyncio.TimeoutError:
+            decision = Decision(False, "dns", f"{key[0]} did not resolve within {self.dns_timeout:g} s")
+        self._decisions[key] = (time.monotonic(), decision)
+        if len(self._decisions) > 4096:  # drop the stale ones now and then
+            now = time.monotonic()
+            self._decisions = {k: v for k, v in self._decisions.items() if now - v[0] < DECISION_TTL}
+        return decision
+
+    def destination(self, flow: http.HTTPFlow) -> tuple[str, int] | str:
+        """Where this request goes, or why it is refused: every name it carries must agree.
+
+        Inside a CONNECT tunnel the tunnel's authority is the destination, and the TLS server name,
+        `Host`/`:authority` and the request target's authority must all name it. A plain proxy request
+        goes to its target's host, which `Host` must name too.
+        """
+        request = flow.request
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        host, port = tunnel if tunnel else (_name(request.host), request.port)
+        names: list[tuple[str, str]] = [("the request target", request.authority)]
+        names += [("Host", value) for value in request.headers.get_all("host")]
+        if flow.client_conn.tls:
+            names.append(("the TLS server name", flow.client_conn.sni or ""))
+        for what, value in names:
+            if not value:
+                continue
+            named = _authority(value)
+            if named is None:
+                return f"{what} {value!r} is not a host name"
+            if named[0] != host or named[1] not in (None, port):
+                shown = named[0] if named[1] is None else f"{named[0]}:{named[1]}"
+                return f"{what} names {shown} but the request goes to {host}:{port}"
+        if not (request.path.startswith("/") or (request.path == "*" and request.method == "OPTIONS")):
+            return "the request target is not a path on its host"
+        return host, port
+
+    def verified_tls(self, flow: http.HTTPFlow, host: str) -> bool:
+        """Whether this request travels only over TLS the bundle opens to `host` and verifies for `host`."""
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        return (
+            tunnel is not None
+            and tunnel[0] == host
+            and flow.client_conn.id not in self._passthrough
+            and flow.client_conn.tls
+            and flow.server_conn.tls
+            and flow.server_conn.sni == host
+            and flow.request.scheme == "https"
+        )
+
+    # -- the audit log: exactly one line per request
+
+    def _log(self, flow: http.HTTPFlow | None, outcome: Decision | None, **fields: Any) -> None:
+        """Write the audit line for `flow` (once), or for an event without a flow; `outcome` fills the verdict."""
+        if flow is not None:
+            if flow.metadata.get("bottle_logged"):
+                return
+            flow.metadata["bottle_logged"] = True
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
-        if decision is not None:
-            entry |= {"decision": "allow" if decision.allowed else "deny", "rule": decision.rule}
-            if not decision.allowed:
-                entry["reason"] = decision.reason
+        if outcome is not None:
+            entry |= {"decision": "allow" if outcome.allowed else "deny", "rule": outcome.rule}
+            if not outcome.allowed:
+                entry["reason"] = outcome.reason
         self.audit(entry)
 
-    def _refuse(self, flow: http.HTTPFlow, decision: Decision, path: str) -> None:
+    def _where(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        request = flow.request
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        host, port = tunnel if tunnel and request.method != "CONNECT" else (request.host, request.port)
+        return {"method": request.method, "host": host, "port": port, "path": redact_path(request.path)}
+
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision) -> None:
         body = f"bottle: refused: {decision.reason} (rule: {decision.rule})\n"
         flow.response = http.Response.make(403, body, {"content-type": "text/plain; charset=utf-8"})
-        request = flow.request
-        self._log(decision, method=request.method, host=request.host, port=request.port, path=path,
-                  status=403, bytes_out=0, bytes_in=0)  # fmt: skip
+        self._log(flow, decision, **self._where(flow), status=403, bytes_out=0, bytes_in=0)
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        decision = self.policy.decide(flow.request.host, flow.request.port)
+    # -- mitmproxy's hooks
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        decision = await self.decide(flow.request.host, flow.request.port)
         if not decision.allowed:
-            self._refuse(flow, decision, "")
-        elif not decision.intercept:
-            request = flow.request
-            self._log(decision, method="CONNECT", host=request.host, port=request.port, path="", status=200,
-                      bytes_out=None, bytes_in=None)  # fmt: skip
+            self._refuse(flow, decision)
+            return
+        self._tunnels[flow.client_conn.id] = (_name(flow.request.host), flow.request.port)
+        if not decision.intercept:
+            self._passthrough.add(flow.client_conn.id)
+            self._log(flow, decision, **self._where(flow), status=200, bytes_out=None, bytes_in=None)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        address = data.context.server.address
-        rule = self.policy.rule_for(address[0].lower()) if address else None
-        if rule is not None and not rule.intercept:
-            data.ignore_connection = True  # tunnelled as is: the agent's TLS goes straight to the host
+        tunnel = self._tunnels.get(data.context.client.id)
+        if tunnel is None:
+            return
+        if data.context.client.id in self._passthrough and _name(data.client_hello.sni or "") == tunnel[0]:
+            data.ignore_connection = True  # tunnelled as is: the agent's TLS, to the name it tunnelled to
+            return
+        # Intercepted (a passthrough whose server name does not match is intercepted, so that its request
+        # meets `destination` and is refused with a 403). Upstream TLS names and verifies the tunnel's
+        # host, whatever name the agent sent.
+        self._passthrough.discard(data.context.client.id)
+        data.context.server.sni = tunnel[0]
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        named = _host_of(request.host_header)
-        if named and named != request.host.lower().rstrip("."):
-            # Domain fronting: the connection goes to one host while the request names another.
-            reason = f"the request names {named} but its connection is to {request.host}"
-            self._refuse(flow, Decision(False, "host mismatch", reason), redact_query(request.path))
+        where = self.destination(flow)
+        if isinstance(where, str):
+            self._refuse(flow, Decision(False, "destination mismatch", where))
             return
-        decision = self.policy.decide(request.host, request.port)
+        host, port = where
+        decision = await self.decide(host, port)
         if not decision.allowed:
-            self._refuse(flow, decision, redact_query(request.path))
+            self._refuse(flow, decision)
             return
-        for header, value in self.policy.headers_for(request.host, self.secrets).items():
-            request.headers[header] = value  # replaces whatever the agent sent under that name
+        if self._tunnels.get(flow.client_conn.id):
+            request.data.host = host  # mitmproxy derives it from the server address, which we pin to an IP
+        if not (request.is_http2 or request.is_http3):
+            request.authority = ""  # origin-form upstream: the target carries no authority of its own
+        credentials = self.policy.headers_for(host, self.secrets)
+        if credentials and self.verified_tls(flow, host):
+            for header, value in credentials.items():
+                request.headers[header] = value  # replaces whatever the agent sent under that name
+        else:
+            for header in credentials:
+                request.headers.pop(header, None)  # never pass on a guess at the secret, either
         flow.metadata["bottle_decision"] = decision
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -99,22 +211,36 @@ class BottlePolicy:
         if decision is None or flow.response is None:
             return  # refused above, and logged there
         request = flow.request
-        self._log(decision, method=request.method, host=request.host, port=request.port,
-                  path=redact_query(request.path), status=flow.response.status_code,
+        self._log(flow, decision, **self._where(flow), status=flow.response.status_code,
                   bytes_out=len(request.raw_content or b""), bytes_in=len(flow.response.raw_content or b""))  # fmt: skip
 
     def error(self, flow: http.HTTPFlow) -> None:
-        request = flow.request
-        self._log(None, method=request.method, host=request.host, port=request.port,
-                  path=redact_query(request.path), decision="error", reason=str(flow.error))  # fmt: skip
+        decision = flow.metadata.get("bottle_decision")
+        failed = {"decision": "error", "rule": decision.rule if decision else None, "reason": str(flow.error)}
+        self._log(flow, None, **self._where(flow), **failed, status=None, bytes_out=0, bytes_in=0)
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        host, port = self._tunnels.get(data.context.client.id) or (None, None)
+        reason = f"the agent's TLS handshake with the bundle failed: {data.conn.error}"
+        failed = {"decision": "error", "rule": None, "reason": reason}
+        self._log(None, None, method="TLS", host=host, port=port, path="", **failed, status=None, bytes_out=0,
+                  bytes_in=0)  # fmt: skip
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address is None:
             return
-        host, port = data.server.address
-        decision = self.policy.decide(str(host), int(port))
+        # In a tunnel the destination is the tunnel's host, whatever the address says by now (we pin it to
+        # an IP, and mitmproxy copies that onto a reconnect); outside one it is the request's host.
+        host, port = self._tunnels.get(data.client.id) or data.server.address
+        decision = await self.decide(str(host), int(port))
         if not decision.allowed:
             data.server.error = f"bottle: refused: {decision.reason}"
-            self._log(decision, method="CONNECT", host=host, port=port, path="", status=None)
+            if data.client.id in self._passthrough:  # no HTTP flow will report it
+                self._log(None, decision, method="CONNECT", host=host, port=port, path="", status=None,
+                          bytes_out=0, bytes_in=0)  # fmt: skip
             return
         data.server.address = (str(decision.address), port)  # connect to exactly the address we checked
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._tunnels.pop(client.id, None)
+        self._passthrough.discard(client.id)

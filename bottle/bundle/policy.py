@@ -10,6 +10,7 @@ metadata included), the bottle's own subnet and its docker gateway are refused w
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +28,15 @@ NEVER = [
     ipaddress.ip_network(n)
     for n in (
         "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-        "::/128", "::1/128", "fe80::/10", "ff00::/8",
+        "::/128", "::1/128", "fe80::/10", "fec0::/10", "ff00::/8",
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): its IPv4 may sit anywhere in the address
+        "100.100.100.200/32", "fd00:ec2::254/128",  # cloud metadata services inside opt-in ranges
     )
 ]  # fmt: skip
+# IPv6 forms that carry an IPv4 address; the IPv4 inside is checked as if it had been resolved itself.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")  # IPv4-compatible (deprecated)
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT IPv4-translated
 # Private ranges a rule may opt a CIDR inside of.
 OPT_IN_ALLOWED = [
     ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
@@ -48,6 +55,17 @@ def _opt_in(network: IPNetwork) -> IPNetwork:
     if not any(network.subnet_of(allowed) for allowed in OPT_IN_ALLOWED if allowed.version == network.version):
         raise ValueError(f"{network} is not inside a private range; only private CIDRs can be opted in")
     return network
+
+
+def _template(value: str) -> str:
+    if value.count("{secret}") != 1 or not is_header_value(value.replace("{secret}", "x")):
+        raise ValueError("must hold '{secret}' once and no control characters")
+    return value
+
+
+def is_header_value(value: object) -> bool:
+    """Whether `value` can go in an HTTP header as it is: a non-empty string without CR, LF or NUL."""
+    return isinstance(value, str) and value != "" and value.isprintable()
 
 
 Host = Annotated[str, AfterValidator(_host)]
@@ -80,7 +98,7 @@ class Credential(_Frozen):
 
     host: Host
     header: str = Field(pattern=r"^[A-Za-z0-9-]+$")
-    template: str = "{secret}"
+    template: Annotated[str, AfterValidator(_template)] = "{secret}"
     secret: str  # the name of the secret in the bundle's secrets file, never the value
 
 
@@ -88,7 +106,7 @@ class BundleConfig(_Frozen):
     """/etc/bottle/config.json in the bundle."""
 
     format: Literal[1] = 1
-    port: int = 8888
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8888
     allow: list[Rule] = Field(default_factory=list)
     credentials: list[Credential] = Field(default_factory=list)
     refuse: list[IPNetwork] = Field(default_factory=list)  # the bottle's own subnet and gateway
@@ -152,12 +170,15 @@ class Policy:
         return Decision(True, rule.label, f"{host} is allowed by {rule.label}", addresses[0], rule.intercept)
 
     def _refusal(self, address: IPAddress, rule: Rule) -> str | None:
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        for embedded in _embedded_ipv4(address):
+            if refusal := self._refusal(embedded, rule):
+                return f"which carries {embedded}, {refusal}"
         if any(address in n for n in NEVER if n.version == address.version):
-            return "a loopback, link-local or reserved address the bundle never connects to"
+            return "a loopback, link-local, reserved or metadata address the bundle never connects to"
         if any(address in n for n in self.config.refuse if n.version == address.version):
             return "the bottle's own network, which the bundle never connects to"
+        if _embedded_ipv4(address):
+            return None  # an IPv6 form of an IPv4 address that passed the checks above
         if address.is_global or any(address in n for n in rule.cidrs if n.version == address.version):
             return None
         return "a private address this rule does not opt in (add it to the rule's cidrs to allow it)"
@@ -172,10 +193,48 @@ class Policy:
         }
 
 
-def redact_query(path: str) -> str:
-    """The path with every query value replaced, so tokens in URLs never reach the audit log."""
+def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: mapped, compatible, translated, NAT64, 6to4, Teredo."""
+    if address.version == 4:
+        return []
+    assert isinstance(address, ipaddress.IPv6Address)
+    low = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    found = []
+    if address.ipv4_mapped:
+        found.append(address.ipv4_mapped)
+    elif any(address in n for n in (_NAT64, _TRANSLATED)) or (address in _COMPATIBLE and int(address) > 1):
+        found.append(low)
+    if address.sixtofour:
+        found.append(address.sixtofour)
+    if address.teredo:
+        found.extend(address.teredo)
+    return found
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}")
+
+
+def _redact_parameters(text: str, separators: str) -> str:
+    """`name=value` pairs with each value replaced; anything that is not such a pair is replaced whole."""
+    parts = re.split(f"([{re.escape(separators)}])", text)
+    out = []
+    for part in parts:
+        if len(part) == 1 and part in separators:
+            out.append(part)
+            continue
+        name, sep, _ = part.partition("=")
+        out.append(f"{name}=REDACTED" if sep and _NAME.fullmatch(name) else "REDACTED" if part else "")
+    return "".join(out)
+
+
+def redact_path(path: str) -> str:
+    """The request path as the audit log shows it: path segments kept, every parameter value replaced.
+
+    Query values, `;` path parameters and anything without a plain `name=` in front (a bare token, a
+    percent-encoded `=`) become REDACTED, so tokens in URLs never reach the log; only names do.
+    """
+    path, _, _ = path.partition("#")
     base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    names = [(p.split("=", 1)[0], "=" in p) for p in query.split("&")]
-    return base + "?" + "&".join(name + ("=REDACTED" if has_value else "") for name, has_value in names)
+    segments = [s.partition(";") for s in base.split("/")]  # a segment, then its `;` parameters
+    base = "/".join(head + (sep and ";" + _redact_parameters(rest, ";")) for head, sep, rest in segments)
+    return base + (("?" + _redact_parameters(query, "&;")) if sep else "")

@@ -8,6 +8,8 @@ import http.client
 import json
 import socket
 import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -40,29 +42,41 @@ def world(upstream_net, tmp_path_factory):
     """Upstreams (HTTPS and HTTP), the bundle's CA, and the proxy running with them; yields a dict."""
     subnet, gateway = upstream_net
     workdir = tmp_path_factory.mktemp("proxy")
+    (workdir / "untrusted").mkdir()
     key, cert = create_ca("bottle test bundle CA")
     (workdir / CA_FILE).write_bytes(key + cert)
     (workdir / "bundle-ca.pem").write_bytes(cert)
     audit: list[dict] = []
     with echo_server(gateway, tls_names=["upstream.test", "other.test"], workdir=workdir) as tls_up, \
-         echo_server(gateway) as plain_up:  # fmt: skip
-        ports = [tls_up["port"], plain_up["port"]]
+         echo_server(gateway) as plain_up, \
+         echo_server(gateway, tls_names=["untrusted.test"], workdir=workdir / "untrusted") as untrusted_up:  # fmt: skip
+        closed = _closed_port(gateway)
+        ports = [tls_up["port"], plain_up["port"], untrusted_up["port"], closed]
         table = {
             "upstream.test": gateway,
             "other.test": gateway,
+            "pass.test": gateway,
+            "untrusted.test": gateway,
+            "slow.test": gateway,
             "loop.test": "127.0.0.1",
             "meta.test": "169.254.169.254",
             "lan.test": "192.168.250.9",
+            "nat64.test": "64:ff9b::7f00:1",
         }
         config = BundleConfig(
-            allow=[Rule(host=h, ports=ports, cidrs=[subnet]) for h in ("upstream.test", "other.test")]
+            allow=[Rule(host=h, ports=ports, cidrs=[subnet]) for h in ("upstream.test", "other.test", "untrusted.test",
+                                                                       "slow.test")]
+            + [Rule(host="pass.test", ports=ports, cidrs=[subnet], intercept=False)]
             + [Rule(host=h, ports=ports) for h in ("loop.test", "meta.test", "lan.test")]
+            + [Rule(host="nat64.test", ports=ports, cidrs=[ip_network("fc00::/7")])]
             + [Rule(host="*.wild.test", ports=ports, cidrs=[subnet])],
             credentials=[Credential(host="upstream.test", header="x-api-key", template="{secret}", secret="c0")],
             refuse=[ip_network("192.168.38.0/24")],
         )
 
         def resolver(host, port):
+            if host == "slow.test":
+                time.sleep(2)
             if host.endswith(".wild.test"):
                 return [ip_address(gateway)]
             if host not in table:
@@ -72,7 +86,14 @@ def world(upstream_net, tmp_path_factory):
         with running_bundle(config, {"c0": SECRET}, workdir / CA_FILE, resolver, audit.append,
                             upstream_ca=tls_up["ca"]) as proxy_port:  # fmt: skip
             yield {"proxy": proxy_port, "tls": tls_up["port"], "plain": plain_up["port"], "audit": audit,
-                   "client_ca": workdir / "bundle-ca.pem"}  # fmt: skip
+                   "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem"}  # fmt: skip
+
+
+def _closed_port(host: str) -> int:
+    """A port on `host` that nothing listens on (bound and closed again)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def https_get(world, host, path="/echo", headers=None, host_header=None):
@@ -122,9 +143,9 @@ def test_the_credential_goes_to_its_host_and_no_other(world):
     assert status == 200 and "x-api-key" not in {k.lower() for k in json.loads(body)["headers"]}
 
 
-def test_plain_http_is_checked_and_injected_too(world):
+def test_plain_http_is_checked_but_never_carries_the_credential(world):
     status, body = http_get(world, "upstream.test")
-    assert status == 200 and json.loads(body)["headers"]["x-api-key"] == SECRET
+    assert status == 200 and "x-api-key" not in {k.lower() for k in json.loads(body)["headers"]}
 
 
 def test_wildcard_rules_match_subdomains(world):
@@ -159,8 +180,8 @@ def test_an_allowed_name_that_resolves_inward_is_refused(world, host, address):
 def test_a_host_header_for_another_host_inside_a_tunnel_is_refused(world):
     # Domain fronting: the tunnel goes to an allowed host, the request names another behind it.
     status, body = https_get(world, "upstream.test", host_header="other.test")
-    assert status == 403 and b"the request names other.test but its connection is to upstream.test" in body
-    assert https_get(world, "upstream.test", host_header="upstream.test:443")[0] == 200
+    assert status == 403 and b"Host names other.test but the request goes to upstream.test:" in body
+    assert https_get(world, "upstream.test", host_header=f"upstream.test:{world['tls']}")[0] == 200
 
 
 def test_the_audit_log_has_every_request_and_no_secret(world):
@@ -176,3 +197,169 @@ def test_the_audit_log_has_every_request_and_no_secret(world):
     denied = [e for e in entries if e.get("host") == "evil.test" and e["decision"] == "deny"]
     assert denied and denied[-1]["method"] == "CONNECT" and denied[-1]["rule"] == "no rule"
     assert {"time", "method", "host", "port", "path", "decision", "rule", "status"} <= set(denied[-1])
+
+
+# -- as an attacker in the VM would try it ------------------------------------------------------------
+
+
+def tunnel(world, host, port, *, sni=None, alpn=None):
+    """A CONNECT through the bundle, then TLS inside it with `sni` (trusting the bundle's CA); the socket."""
+    raw = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
+    raw.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += raw.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    if sni is False:
+        return raw
+    context = ssl.create_default_context(cafile=str(world["client_ca"]))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context.wrap_socket(raw, server_hostname=sni or host)
+
+
+def exchange(sock, request: bytes) -> tuple[int, bytes]:
+    """Send one HTTP/1.1 request (which must ask to close), read the whole reply."""
+    sock.sendall(request)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def last_entry(world, **match):
+    return [e for e in world["audit"] if all(e.get(k) == v for k, v in match.items())][-1]
+
+
+def test_an_absolute_form_target_inside_a_tunnel_cannot_front_the_credential(world):
+    port = world["tls"]
+    with tunnel(world, "upstream.test", port) as sock:
+        status, body = exchange(sock, f"GET https://other.test:{port}/echo HTTP/1.1\r\nHost: upstream.test:{port}\r\n"
+                                      "Connection: close\r\n\r\n".encode())  # fmt: skip
+    assert status == 403 and b"the request target names other.test" in body and SECRET.encode() not in body
+    entry = last_entry(world, rule="destination mismatch")
+    assert entry["decision"] == "deny" and entry["host"] == "upstream.test"
+
+
+def test_http2_authority_and_host_must_name_the_tunnels_host(world):
+    import h2.config  # h2 is a dependency of mitmproxy
+    import h2.connection
+    import h2.events
+
+    def get(authority, host=None):
+        with tunnel(world, "upstream.test", world["tls"], alpn=["h2"]) as sock:
+            assert sock.selected_alpn_protocol() == "h2"
+            config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)  # as an attacker
+            conn = h2.connection.H2Connection(config)
+            conn.initiate_connection()
+            headers = [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", "/echo")]
+            conn.send_headers(1, headers + ([("host", host)] if host else []), end_stream=True)
+            sock.sendall(conn.data_to_send())
+            status, body = None, b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return None, b""  # the bundle ended the connection without answering
+                events = conn.receive_data(data)
+                for event in events:
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return status, body
+                sock.sendall(conn.data_to_send())
+
+    port = world["tls"]
+    status, body = get(f"upstream.test:{port}")
+    assert status == 200 and json.loads(body)["headers"]["x-api-key"] == SECRET
+    status, body = get(f"other.test:{port}")
+    assert status == 403 and b"the request target names other.test" in body and SECRET.encode() not in body
+    before = len(world["audit"])
+    # mitmproxy's HTTP/2 layer itself refuses a Host that contradicts :authority: the stream is reset
+    # before any flow exists, so nothing goes upstream and there is nothing to log.
+    assert get(f"upstream.test:{port}", "other.test") == (None, b"")
+    assert not [e for e in world["audit"][before:] if e["decision"] == "allow"]
+
+
+@pytest.mark.parametrize("tunnelled_to", ["upstream.test", "pass.test"])
+def test_a_tls_server_name_other_than_the_tunnels_host_is_refused(world, tunnelled_to):
+    # Intercepted, the upstream TLS would otherwise be opened with the agent's name; passed through, the
+    # agent's name would reach whatever front end serves the allowed address.
+    port = world["tls"]
+    with tunnel(world, tunnelled_to, port, sni="other.test") as sock:
+        status, body = exchange(sock, f"GET /echo HTTP/1.1\r\nHost: other.test:{port}\r\nConnection: close\r\n\r\n".encode())
+    assert status == 403 and b"the TLS server name names other.test" in body or b"Host names other.test" in body
+    assert SECRET.encode() not in body
+
+
+def test_a_passthrough_tunnel_with_its_own_name_reaches_the_upstream_untouched(world):
+    context = ssl.create_default_context(cafile=str(world["client_ca"]))
+    with pytest.raises(ssl.SSLCertVerificationError):  # the upstream's own certificate: not the bundle's CA
+        context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test")
+
+
+def test_the_credential_never_travels_in_cleartext(world):
+    plain = world["plain"]
+    for tunnelled in (True, False):
+        if tunnelled:  # plain HTTP inside a CONNECT to the credential's host
+            sock = tunnel(world, "upstream.test", plain, sni=False)
+            request = f"GET /echo HTTP/1.1\r\nHost: upstream.test:{plain}\r\nConnection: close\r\n\r\n"
+        else:  # an http:// URL through the proxy
+            sock = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
+            request = (f"GET http://upstream.test:{plain}/echo HTTP/1.1\r\nHost: upstream.test:{plain}\r\n"
+                       "x-api-key: agent-guess\r\nConnection: close\r\n\r\n")  # fmt: skip
+        with sock:
+            status, body = exchange(sock, request.encode())
+        assert status == 200, body
+        received = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert "x-api-key" not in received and SECRET not in json.dumps(received)
+
+
+@pytest.mark.parametrize(("host", "port_key", "why"), [("upstream.test", "closed", "connect call failed"),
+                                                        ("untrusted.test", "untrusted", "certificate")])  # fmt: skip
+def test_a_failed_request_gets_exactly_one_audit_line(world, host, port_key, why):
+    before = len(world["audit"])
+    with tunnel(world, host, world[port_key]) as sock:
+        status, _ = exchange(sock, f"GET /x?token=sk-leak HTTP/1.1\r\nHost: {host}:{world[port_key]}\r\n"
+                                   "Connection: close\r\n\r\n".encode())  # fmt: skip
+    assert status == 502
+    deadline = time.monotonic() + 5
+    while len(world["audit"]) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [entry] = world["audit"][before:]
+    assert (entry["decision"], entry["host"], entry["path"]) == ("error", host, "/x?token=REDACTED")
+    assert why in entry["reason"].lower() and "sk-leak" not in json.dumps(entry)
+
+
+def test_an_ipv6_form_of_loopback_is_refused(world):
+    reply = connect_status(world, "nat64.test", world["tls"])
+    assert reply.startswith("HTTP/1.1 403") and "which carries 127.0.0.1" in reply
+
+
+def test_keep_alive_requests_in_one_tunnel_all_reach_the_upstream(world):
+    context = ssl.create_default_context(cafile=str(world["client_ca"]))
+    conn = http.client.HTTPSConnection("127.0.0.1", world["proxy"], context=context, timeout=10)
+    conn.set_tunnel("upstream.test", world["tls"])
+    for _ in range(3):
+        conn.request("GET", "/echo", headers={"Host": f"upstream.test:{world['tls']}"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["headers"]["x-api-key"] == SECRET
+    conn.close()
+
+
+def test_a_slow_name_does_not_hold_up_other_requests(world):
+    def timed(host):
+        started = time.monotonic()
+        status = http_get(world, host)[0]
+        return status, time.monotonic() - started
+
+    with ThreadPoolExecutor(9) as pool:
+        slow = pool.submit(timed, "slow.test")
+        time.sleep(0.2)  # the slow name is being resolved now
+        fast = list(pool.map(timed, ["other.test"] * 8))
+        slow_status, slow_seconds = slow.result()
+    assert [s for s, _ in fast] == [200] * 8 and max(t for _, t in fast) < 1.0, fast
+    assert slow_status == 200 and slow_seconds >= 2

@@ -1,5 +1,7 @@
 """The mitmproxy addon's hooks, driven with mitmproxy's own test flows: no sockets, no DNS."""
 
+import asyncio
+import time
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -9,32 +11,58 @@ from mitmproxy.test import tflow, tutils
 from bottle.bundle.addon import BottlePolicy
 from bottle.bundle.policy import BundleConfig, Credential, Policy, Rule
 
-TABLE = {"api.example.com": "93.184.216.34", "other.example.com": "93.184.216.35", "rebind.example.com": "127.0.0.1"}
+TABLE = {"api.example.com": "93.184.216.34", "other.example.com": "93.184.216.35", "rebind.example.com": "127.0.0.1",
+         "slow.example.com": "93.184.216.36"}  # fmt: skip
+
+
+def table(host, port):
+    if host == "slow.example.com":
+        time.sleep(1)
+    return [ip_address(TABLE[host])]
 
 
 @pytest.fixture
 def addon():
     config = BundleConfig(
         allow=[Rule(host="api.example.com"), Rule(host="other.example.com", intercept=False),
-               Rule(host="rebind.example.com")],
+               Rule(host="rebind.example.com"), Rule(host="slow.example.com")],
         credentials=[Credential(host="api.example.com", header="x-api-key", template="Key {secret}", secret="c0")],
         refuse=[ip_network("192.168.38.0/24")],
     )  # fmt: skip
     log: list[dict] = []
-    addon = BottlePolicy(Policy(config, lambda host, port: [ip_address(TABLE[host])]), {"c0": "s3cret"}, log.append)
+    addon = BottlePolicy(Policy(config, table), {"c0": "s3cret"}, log.append, dns_timeout=0.3)
     addon.log = log
     return addon
 
 
-def flow(host, port=443, method="GET", path="/v1/messages?key=abc", host_header=None):
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def flow(host, port=443, method="GET", path="/v1/messages?key=abc", host_header=None, client=None):
     request = tutils.treq(host=host, port=port, method=method.encode(), path=path.encode(), scheme=b"https")
     request.headers["host"] = host_header or host
-    return tflow.tflow(req=request)
+    f = tflow.tflow(req=request)
+    if client is not None:
+        f.client_conn = client
+    return f
+
+
+def tunnel(addon, host, *, sni=None, upstream_sni=None):
+    """A CONNECT to host:443 that the addon accepted, then an intercepted request inside it."""
+    connect = flow(host, method="CONNECT", path="")
+    connect.client_conn.tls, connect.client_conn.sni = False, None
+    run(addon.http_connect(connect))
+    assert connect.response is None
+    inner = flow(host, client=connect.client_conn)
+    inner.client_conn.tls, inner.client_conn.sni = True, sni or host
+    inner.server_conn.tls, inner.server_conn.sni = True, upstream_sni or host
+    return inner
 
 
 def test_connect_to_a_host_off_the_allowlist_gets_a_403_naming_it(addon):
     f = flow("evil.example.net", method="CONNECT", path="")
-    addon.http_connect(f)
+    run(addon.http_connect(f))
     assert f.response.status_code == 403
     assert f.response.text == "bottle: refused: evil.example.net is not on this bottle's egress allowlist (rule: no rule)\n"
     assert addon.log[-1] | {"time": None} == {
@@ -46,14 +74,14 @@ def test_connect_to_a_host_off_the_allowlist_gets_a_403_naming_it(addon):
 
 def test_connect_to_an_allowed_host_passes_without_a_response(addon):
     f = flow("api.example.com", method="CONNECT", path="")
-    addon.http_connect(f)
+    run(addon.http_connect(f))
     assert f.response is None and addon.log == []  # logged per request, once intercepted
 
 
-def test_a_request_gets_its_hosts_credential_replacing_the_agents(addon):
-    f = flow("api.example.com")
+def test_a_request_in_a_verified_tunnel_gets_its_hosts_credential_replacing_the_agents(addon):
+    f = tunnel(addon, "api.example.com")
     f.request.headers["x-api-key"] = "agent-made-this-up"
-    addon.request(f)
+    run(addon.request(f))
     assert f.response is None and f.request.headers["x-api-key"] == "Key s3cret"
     f.response = tutils.tresp(content=b"12345")
     addon.response(f)
@@ -63,43 +91,120 @@ def test_a_request_gets_its_hosts_credential_replacing_the_agents(addon):
     assert "s3cret" not in repr(addon.log)
 
 
-def test_other_hosts_get_no_credential(addon):
-    f = flow("other.example.com")
-    addon.request(f)
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda f: setattr(f.request, "scheme", "http"),  # plain HTTP inside the CONNECT
+        lambda f: setattr(f.client_conn, "tls", False),
+        lambda f: setattr(f.server_conn, "tls", False),
+        lambda f: setattr(f.server_conn, "sni", "other.example.com"),  # upstream verified for another name
+    ],
+)
+def test_no_credential_without_tls_the_bundle_verified_for_the_credentials_host(addon, tamper):
+    f = tunnel(addon, "api.example.com")
+    f.request.headers["x-api-key"] = "agent-guess"
+    tamper(f)
+    run(addon.request(f))
     assert "x-api-key" not in f.request.headers
 
 
-def test_a_request_naming_another_host_than_its_connection_is_refused(addon):
-    f = flow("api.example.com", host_header="other.example.com")
-    addon.request(f)
+def test_a_plain_proxy_request_never_carries_the_credential(addon):
+    f = flow("api.example.com", port=80)
+    run(addon.request(f))
+    assert f.response is None and "x-api-key" not in f.request.headers
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        (lambda f: f.request.headers.__setitem__("host", "other.example.com"), "Host names other.example.com"),
+        (lambda f: setattr(f.request, "authority", "other.example.com:443"), "the request target names other"),
+        (lambda f: setattr(f.client_conn, "sni", "other.example.com"), "the TLS server name names other"),
+        (lambda f: f.request.headers.__setitem__("host", "api.example.com:8443"), "names api.example.com:8443"),
+        (lambda f: f.request.headers.add("host", "other.example.com"), "Host names other.example.com"),
+        (lambda f: setattr(f.request, "path", "https://other.example.com/x"), "not a path on its host"),
+    ],
+)
+def test_every_name_a_request_carries_must_be_its_tunnels_host(addon, tamper, named):
+    f = tunnel(addon, "api.example.com")
+    tamper(f)
+    run(addon.request(f))
     assert f.response.status_code == 403 and "x-api-key" not in f.request.headers
-    assert "names other.example.com but its connection is to api.example.com" in f.response.text
+    assert named in f.response.text
+    assert addon.log[-1]["decision"] == "deny" and addon.log[-1]["rule"] == "destination mismatch"
+    assert addon.log[-1]["host"] == "api.example.com"
 
 
-def test_an_allowed_name_that_rebinds_to_loopback_is_refused_at_request_and_connect(addon):
+def test_a_plain_request_naming_another_host_than_its_target_is_refused(addon):
+    f = flow("api.example.com", port=80, host_header="other.example.com")
+    run(addon.request(f))
+    assert f.response.status_code == 403
+    assert "Host names other.example.com but the request goes to api.example.com:80" in f.response.text
+
+
+def test_an_allowed_name_that_rebinds_to_loopback_is_refused_at_request_and_connect(addon, monkeypatch):
     f = flow("rebind.example.com")
-    addon.request(f)
+    run(addon.request(f))
     assert f.response.status_code == 403 and "resolves to 127.0.0.1" in f.response.text
+    monkeypatch.setattr("bottle.bundle.addon.DECISION_TTL", 0)
     data = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
     data.server.address = ("rebind.example.com", 443)
-    addon.server_connect(data)
+    run(addon.server_connect(data))
     assert data.server.error.startswith("bottle: refused: rebind.example.com resolves to 127.0.0.1")
 
 
-def test_server_connections_are_pinned_to_the_checked_address(addon):
-    data = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
+def test_server_connections_are_pinned_to_the_checked_address_and_reconnects_keep_the_tunnels_host(addon):
+    inner = tunnel(addon, "api.example.com")
+    data = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=inner.client_conn)
     data.server.address = ("api.example.com", 443)
-    addon.server_connect(data)
+    run(addon.server_connect(data))
+    assert data.server.address == ("93.184.216.34", 443) and data.server.error is None
+    run(addon.server_connect(data))  # a reconnect: the address is an IP by now, the tunnel still names the host
     assert data.server.address == ("93.184.216.34", 443) and data.server.error is None
 
 
-def test_a_rule_without_interception_tunnels_tls_untouched(addon):
-    class Hello:
-        context = type("Context", (), {"server": tflow.tserver_conn()})()
-        ignore_connection = False
+def test_a_slow_name_is_refused_after_the_timeout_without_blocking_the_loop(addon):
+    async def both():
+        slow = asyncio.ensure_future(addon.decide("slow.example.com", 443))
+        started = time.monotonic()
+        fast = await addon.decide("api.example.com", 443)
+        return fast, time.monotonic() - started, await slow
 
-    for host, ignored in [("other.example.com", True), ("api.example.com", False)]:
-        hello = Hello()
-        hello.context.server.address = (host, 443)
-        addon.tls_clienthello(hello)
-        assert hello.ignore_connection is ignored
+    fast, waited, slow = run(both())
+    assert fast.allowed and waited < 0.2
+    assert not slow.allowed and "did not resolve within 0.3 s" in slow.reason
+
+
+def test_an_error_gets_exactly_one_audit_line(addon):
+    f = tunnel(addon, "api.example.com")
+    run(addon.request(f))
+    f.error = tflow.terr("connection refused")
+    addon.error(f)
+    addon.error(f)
+    [entry] = addon.log
+    assert (entry["decision"], entry["reason"], entry["host"]) == ("error", "connection refused", "api.example.com")
+
+
+class Hello:
+    def __init__(self, client, sni):
+        self.context = type("Context", (), {"server": tflow.tserver_conn(), "client": client})()
+        self.client_hello = type("ClientHello", (), {"sni": sni})()
+        self.ignore_connection = False
+
+
+@pytest.mark.parametrize(
+    ("host", "sni", "ignored", "upstream_sni"),
+    [
+        ("other.example.com", "other.example.com", True, None),  # passthrough to the name it tunnelled to
+        ("other.example.com", "evil.example.net", False, "other.example.com"),  # another name: intercepted, refused
+        ("other.example.com", None, False, "other.example.com"),
+        ("api.example.com", "evil.example.net", False, "api.example.com"),  # upstream TLS names the tunnel's host
+    ],
+)
+def test_the_tls_server_name_decides_passthrough_and_never_the_upstream_name(addon, host, sni, ignored, upstream_sni):
+    connect = flow(host, method="CONNECT", path="")
+    run(addon.http_connect(connect))
+    hello = Hello(connect.client_conn, sni)
+    addon.tls_clienthello(hello)
+    assert hello.ignore_connection is ignored
+    assert hello.context.server.sni == (upstream_sni or hello.context.server.sni)

@@ -86,6 +86,8 @@ def test_prepare_on_an_unready_machine_names_every_problem_and_creates_nothing(c
         ('name = "x"\n[agent]\nimage = "a"\nenv = { GH_TOKEN = "ghp_x" }\n', "looks like a credential"),
         ('name = "x"\nbackend = "qemu"\n[agent]\nimage = "a"\n', "unknown backend 'qemu'; installed backends: smolm"),
         ("name = ", "not valid TOML"),
+        ('name = "x"\nbad = ' + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply to be a bottle manifest"),
+        ('name = "x"\na = ' + "{b = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply to be a bottle manifest"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, fake, tmp_path, content, message):

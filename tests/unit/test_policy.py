@@ -1,8 +1,9 @@
+import json
 from ipaddress import ip_address, ip_network
 
 import pytest
 
-from bottle.bundle.policy import BundleConfig, Policy, Rule, redact_query
+from bottle.bundle.policy import BundleConfig, Policy, Rule, redact_path
 
 PUBLIC = ip_address("93.184.216.34")
 
@@ -77,6 +78,37 @@ def test_a_rule_can_opt_in_a_private_cidr_but_never_the_bottles_own_network():
     assert "own network" in p.decide("own.internal", 443).reason
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::c0a8:2602", "64:ff9b::a00:5",  # NAT64 of forbidden IPv4s
+        "64:ff9b:1::1", "64:ff9b:1:7f00:0:100::",  # local-use NAT64
+        "2002:7f00:1::1", "2002:a9fe:a9fe::", "2002:c0a8:2602::",  # 6to4
+        "::7f00:1", "::a9fe:a9fe", "::c0a8:2602",  # IPv4-compatible
+        "::ffff:0:7f00:1", "::ffff:0:a9fe:a9fe",  # SIIT IPv4-translated
+        "::ffff:169.254.169.254", "::ffff:192.168.38.2",  # IPv4-mapped
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo whose client is 127.0.0.1
+        "fec0::1", "fd00:ec2::254",
+    ],
+)  # fmt: skip
+def test_ipv6_forms_of_forbidden_addresses_are_refused_even_when_private_space_is_opted_in(address):
+    rule = Rule(host="v6.example.com", cidrs=[ip_network("fc00::/7")])
+    decision = policy([rule], dns={"v6.example.com": [address]}).decide("v6.example.com", 443)
+    assert not decision.allowed, (address, decision)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::5db8:d822", "2002:5db8:d822::1", "::ffff:93.184.216.34", "2606:4700::1"])
+def test_ipv6_forms_of_public_addresses_are_allowed(address):
+    decision = policy([Rule(host="v6.example.com")], dns={"v6.example.com": [address]}).decide("v6.example.com", 443)
+    assert decision.allowed, decision
+
+
+def test_cloud_metadata_addresses_are_refused_inside_opted_in_ranges():
+    rule = Rule(host="meta.example.com", cidrs=[ip_network("100.64.0.0/10"), ip_network("fc00::/7")])
+    for address in ["100.100.100.200", "fd00:ec2::254", "169.254.169.254"]:
+        assert not policy([rule], dns={"meta.example.com": [address]}).decide("meta.example.com", 443).allowed
+
+
 @pytest.mark.parametrize("cidr", ["127.0.0.0/8", "169.254.0.0/16", "8.8.8.0/24", "0.0.0.0/0"])
 def test_only_private_ranges_can_be_opted_in(cidr):
     with pytest.raises(ValueError, match="only private CIDRs can be opted in"):
@@ -95,9 +127,23 @@ def test_credentials_are_for_their_exact_host_only():
     assert p.headers_for("other.example.com", {"c0": "s3cret"}) == {}
 
 
-def test_query_values_are_redacted_for_the_log():
-    assert redact_query("/v1/x?key=abc&flag&n=2") == "/v1/x?key=REDACTED&flag&n=REDACTED"
-    assert redact_query("/plain") == "/plain"
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/v1/x?key=abc&flag&n=2", "/v1/x?key=REDACTED&REDACTED&n=REDACTED"),
+        ("/plain", "/plain"),
+        ("/a?sk-ant-secret", "/a?REDACTED"),  # a bare value, no name
+        ("/a?key%3Dsk-secret", "/a?REDACTED"),  # a percent-encoded `=` hides the value in the name
+        ("/a?a=1;token=sk-secret", "/a?a=REDACTED;token=REDACTED"),
+        ("/a?x=1;sk-secret", "/a?x=REDACTED;REDACTED"),
+        ("/files;jsessionid=sk-secret/x", "/files;jsessionid=REDACTED/x"),
+        ("/files;sk-secret/x", "/files;REDACTED/x"),
+        ("/a?%73k=secret", "/a?REDACTED"),  # an encoded name is not a plain name
+        ("/a#sk-secret", "/a"),
+    ],
+)
+def test_nothing_but_parameter_names_reaches_the_log(path, logged):
+    assert redact_path(path) == logged
 
 
 def test_a_bad_config_is_refused_with_one_line(tmp_path):
@@ -110,3 +156,13 @@ def test_a_bad_config_is_refused_with_one_line(tmp_path):
         BundleConfig.load(path)
     with pytest.raises(ValueError, match="cannot read"):
         BundleConfig.load(tmp_path / "missing.json")
+    for port in (0, 65536, -1):
+        path.write_text(json.dumps({"port": port}))
+        with pytest.raises(ValueError, match="port"):
+            BundleConfig.load(path)
+
+
+@pytest.mark.parametrize("template", ["Bearer {secret}\r\nX-Evil: 1", "no placeholder", "{secret}{secret}", ""])
+def test_a_credential_template_must_be_one_clean_header_value(template):
+    with pytest.raises(ValueError, match="must hold"):
+        BundleConfig(credentials=[{"host": "a.example", "header": "x", "template": template, "secret": "c0"}])

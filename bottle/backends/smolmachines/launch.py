@@ -27,6 +27,7 @@ from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.backends.smolmachines.prepare import BACKEND, GUEST_DIR, prepare_parts, resource_name, secret_name
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.bundle import SECRETS_FILE
+from bottle.bundle.policy import is_header_value
 from bottle.errors import BottleError, StateError, StepFailed
 from bottle.manifest import Manifest, is_slug
 from bottle.state import StateStore
@@ -51,6 +52,10 @@ def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan, state: State
                 raise StepFailed("secrets", f"credential for {credential.host}: cannot read {source} ({exc.strerror})")
         if not value:
             raise StepFailed("secrets", f"credential for {credential.host}: {source} is not set or empty")
+        if not is_header_value(value):
+            raise StepFailed(
+                "secrets", f"credential for {credential.host}: {source} holds a line break or control character"
+            )
         secrets[secret_name(index)] = value
     state.write_private(plan.bundle_dir / SECRETS_FILE, json.dumps(secrets).encode())
 
