@@ -10,6 +10,10 @@ Modes, each request on a fresh connection (CONNECT, TLS handshake(s), one GET):
   tinyproxy    client -> tinyproxy CONNECT tunnel -> upstream (TLS end to end)
   passthrough  client -> bundle CONNECT tunnel (rule with intercept = false) -> upstream
   intercepted  client -> bundle (TLS with the bottle CA) -> bundle -> upstream (TLS), policy applied
+
+Then a concurrency figure: 64 clients at once through the intercepting bundle, first all to a name
+that resolves at once, then with one of them on a name whose resolution takes 2 s; the others' p99
+in the second run as a ratio to the first.
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ from bottle.testing.upstream import echo_server
 TABLE: dict[str, str] = {}
 
 
+SLOW_NAME = "slow.test"  # resolves after 2 s, like a name whose DNS server is far away or down
+
+
 def table_resolver(host: str, port: int):
+    if host == SLOW_NAME:
+        time.sleep(2)
     return [ip_address(TABLE[host])]
 
 
@@ -85,15 +94,15 @@ def tunnel(proxy_port: int, host: str, port: int) -> socket.socket:
     return sock
 
 
-def one_request(mode: str, env: dict) -> None:
-    """One GET on a fresh connection; TLS always verifies upstream.test against the mode's CA."""
+def one_request(mode: str, env: dict, name: str = "upstream.test") -> None:
+    """One GET on a fresh connection; TLS always verifies `name` against the mode's CA."""
     if mode == "direct":
         raw, cafile = socket.create_connection((env["gateway"], env["port"]), timeout=10), env["upstream_ca"]
     else:
         proxy_port, target, cafile = env["modes"][mode]
-        raw = tunnel(proxy_port, target, env["port"])
-    with ssl.create_default_context(cafile=cafile).wrap_socket(raw, server_hostname="upstream.test") as sock:
-        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: upstream.test\r\nConnection: close\r\n\r\n")
+        raw = tunnel(proxy_port, name if target == "upstream.test" else target, env["port"])
+    with ssl.create_default_context(cafile=cafile).wrap_socket(raw, server_hostname=name) as sock:
+        sock.sendall(f"GET /echo HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
         response = b""
         while chunk := sock.recv(65536):
             response += chunk
@@ -129,6 +138,34 @@ def measure(mode: str, env: dict, requests: int, workers: int) -> dict:
     }
 
 
+def concurrency(env: dict, clients: int = 64, rounds: int = 5) -> tuple[float, float]:
+    """p99 (ms) of `clients` concurrent clients through the intercepting bundle, without and with one of
+    them on the slow name; the slow client's own requests are not counted."""
+
+    def run(with_slow: bool) -> float:
+        latencies: list[float] = []
+        barrier = threading.Barrier(clients)
+
+        def client(index: int) -> None:
+            name = SLOW_NAME if with_slow and index == 0 else "upstream.test"
+            barrier.wait()
+            for _ in range(rounds):
+                start = time.perf_counter()
+                one_request("intercepted", env, name)
+                if name != SLOW_NAME:
+                    latencies.append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        latencies.sort()
+        return latencies[int(len(latencies) * 0.99) - 1] * 1000
+
+    return run(False), run(True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
@@ -144,7 +181,7 @@ def main() -> None:
     )  # fmt: skip
     processes: list = []
     try:
-        with tempfile.TemporaryDirectory() as tmp, echo_server(gateway, tls_names=["upstream.test"],
+        with tempfile.TemporaryDirectory() as tmp, echo_server(gateway, tls_names=["upstream.test", SLOW_NAME],
                                                                workdir=Path(tmp)) as upstream:  # fmt: skip
             key, cert = create_ca("bottle bench CA")
             (Path(tmp) / CA_FILE).write_bytes(key + cert)
@@ -163,12 +200,12 @@ def main() -> None:
 
             for mode, intercept, cafile in [("passthrough", False, str(upstream["ca"])),
                                             ("intercepted", True, str(Path(tmp) / "bundle-ca.pem"))]:  # fmt: skip
-                config = BundleConfig(allow=[Rule(host="upstream.test", ports=[port], cidrs=[subnet],
-                                                  intercept=intercept)])  # fmt: skip
+                config = BundleConfig(allow=[Rule(host=name, ports=[port], cidrs=[subnet], intercept=intercept)
+                                             for name in ("upstream.test", SLOW_NAME)])  # fmt: skip
                 bundle_port = free_port()
                 process = multiprocessing.Process(
                     target=run_bundle,
-                    args=(config.model_dump_json(), str(Path(tmp) / CA_FILE), {"upstream.test": gateway},
+                    args=(config.model_dump_json(), str(Path(tmp) / CA_FILE), {"upstream.test": gateway, SLOW_NAME: gateway},
                           bundle_port, str(upstream["ca"])),
                     daemon=True,
                 )  # fmt: skip
@@ -180,6 +217,7 @@ def main() -> None:
 
             env = {"gateway": gateway, "port": port, "upstream_ca": str(upstream["ca"]), "modes": modes}
             results = {m: measure(m, env, args.requests, args.workers) for m in ["direct", *modes]}
+            calm, stalled = concurrency(env)
     finally:
         for process in processes:
             (process.terminate if hasattr(process, "terminate") else process.kill)()
@@ -193,6 +231,8 @@ def main() -> None:
         print(f"{mode:<12} {r['p50']:8.2f} {r['p99']:8.2f} {r['p50'] - base['p50']:8.2f} "
               f"{r['p99'] - base['p99']:8.2f} {r['rps']:7.0f} {r['rps'] / base['rps']:9.2f} "
               f"{r['rps'] / tiny['rps']:12.2f}")  # fmt: skip
+    print(f"64 concurrent clients, intercepted: p99 {calm:.0f} ms; with one client on a name that takes 2 s to "
+          f"resolve: p99 {stalled:.0f} ms for the others (x{stalled / calm:.2f})")
 
 
 if __name__ == "__main__":

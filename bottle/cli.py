@@ -16,9 +16,9 @@ import docker
 import requests
 
 from bottle import registry
-from bottle.backend import LABEL_SLUG, Backend, BottleStatus, PreflightReport
+from bottle.backend import LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, LABEL_SLUG, Backend, BottleStatus, PreflightReport
 from bottle.bundle import build as bundle_build
-from bottle.errors import BottleError, EnvironmentProblem, PreflightFailed, UsageError
+from bottle.errors import BottleError, Busy, EnvironmentProblem, PreflightFailed, UsageError
 from bottle.manifest import Manifest, load_manifest, slugify
 from bottle.plan import BottlePlan
 from bottle.state import PLAN_FILE, StateStore
@@ -218,6 +218,7 @@ def gc(dry_run: bool) -> None:
     for stray in (s for s in found if s.foreign):
         click.echo(f"left alone: {stray.drift[0]}", err=True)
     orphans = [s for s in found if s.orphan]
+    failed = []
     for orphan in orphans:
         parts = ", ".join(f"{k} {v}" for k, v in orphan.parts.items() if v != "missing")
         if dry_run:
@@ -228,13 +229,19 @@ def gc(dry_run: bool) -> None:
                 if state.read_plan_data(orphan.slug) is not None:
                     continue  # an `up` saved its plan since we looked: no longer an orphan
                 removed = registry.load(orphan.backend)().down(orphan.slug, docker=client, state=state)
+        except Busy as exc:
+            click.echo(f"skipped {orphan.slug}: {exc}", err=True)
+            continue
         except BottleError as exc:
+            failed.append(orphan.slug)
             click.echo(f"skipped {orphan.slug}: {exc}", err=True)
             continue
         for thing in removed:
             click.echo(f"removed {thing}")
     if not orphans:
         click.echo("nothing to collect")
+    if failed:
+        raise BottleError(f"could not collect {', '.join(failed)}; the lines above say why")
 
 
 def _format_audit(entry: dict[str, Any]) -> str:
@@ -253,9 +260,13 @@ def logs(name: str, denied: bool, follow: bool, as_json: bool) -> None:
     """Show the bundle's audit log for bottle NAME: one line per request, allowed or refused."""
     slug = _slug_of(name)
     client = docker_client()
-    found = client.containers.list(all=True, filters={"label": [f"{LABEL_SLUG}={slug}", "bottle.role=bundle"]})
+    owner = StateStore().owner()
+    wanted = [f"{LABEL_MANAGED}=true", f"{LABEL_SLUG}={slug}", f"{LABEL_OWNER}={owner}", f"{LABEL_ROLE}=bundle"]
+    found = client.containers.list(all=True, filters={"label": wanted}) if owner else []
     if not found:
-        raise UsageError(f"bottle '{slug}' has no bundle; `bottle ls` lists the bottles on this machine")
+        raise UsageError(f"bottle '{slug}' has no bundle made from this state directory; `bottle ls` lists the bottles")
+    if len(found) > 1:
+        raise BottleError(f"bottle '{slug}' has {len(found)} bundles; `bottle down {slug}` removes them all")
     output = found[0].logs(stdout=True, stderr=False, stream=True, follow=follow)
     pending = b""
     for chunk in output:

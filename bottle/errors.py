@@ -44,6 +44,10 @@ class AddressPoolExhausted(EnvironmentProblem):
     """Every /24 in the configured pool is taken."""
 
 
+class Busy(BottleError):
+    """Another bottle command holds the bottle's lock."""
+
+
 class StateError(EnvironmentProblem):
     """bottle's state directory cannot be used: a path is missing, read-only, full, or a link bottle refuses."""
 

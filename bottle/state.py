@@ -23,7 +23,7 @@ from pathlib import Path
 
 import platformdirs
 
-from bottle.errors import BottleError, StateError
+from bottle.errors import Busy, StateError
 from bottle.manifest import is_slug
 from bottle.plan import BottlePlan
 
@@ -170,6 +170,20 @@ class StateStore:
             with os.fdopen(file, "rb") as f:
                 return f.read()
 
+    def is_file(self, path: Path) -> bool:
+        """Whether `path` below the root is a regular file, reached without following any link."""
+        with self._dir(path.parent, create=False) as fd, _explained(path, "look at"):
+            return fd is not None and _is(stat.S_ISREG, fd, path.name)
+
+    def remove_file(self, path: Path) -> None:
+        """Delete file `path` below the root if it exists (unlink never follows a link)."""
+        with self._dir(path.parent, create=False) as fd, _explained(path, "remove"):
+            if fd is not None:
+                try:
+                    os.unlink(path.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+
     # -- what lives there
 
     def owner(self, *, create: bool = False) -> str | None:
@@ -211,11 +225,14 @@ class StateStore:
         if data is None:
             return None
         try:
-            return json.loads(data)
+            plan = json.loads(data)
         except ValueError:
+            plan = None
+        if not isinstance(plan, dict):
             raise StateError(
-                f"{self.bottle_dir(slug) / PLAN_FILE} is not valid JSON; `bottle down {slug}` removes the bottle"
-            ) from None
+                f"{self.bottle_dir(slug) / PLAN_FILE} is not a plan bottle wrote; `bottle down {slug}` removes the bottle"
+            )
+        return plan
 
     def remove_bottle(self, slug: str) -> Path | None:
         """Delete a bottle's state directory (a link there is refused, not followed); return it if there was one."""
@@ -258,7 +275,7 @@ class StateStore:
                         on_wait()
                         waited = True
                     if time.monotonic() > deadline:
-                        raise BottleError(
+                        raise Busy(
                             f"another bottle command has been working on '{slug}' for {timeout:.0f} s; "
                             "try again when it finishes"
                         ) from None

@@ -6,9 +6,17 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+import docker
 import requests
 
 from bottle.errors import BottleError
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as the few words that end a sentence; a lost connection's text is a nested repr."""
+    if isinstance(exc, requests.exceptions.RequestException) and not isinstance(exc, docker.errors.DockerException):
+        return "the Docker Engine stopped answering"
+    return str(exc)
 
 
 class Undo:
@@ -29,10 +37,8 @@ class Undo:
                 what, action = self._actions.pop()
                 try:
                     action()
-                except requests.exceptions.RequestException:  # its text is a nested repr, not a reason
-                    failed.append(f"{what} (the Docker Engine stopped answering)")
                 except Exception as exc:  # keep undoing the rest; report what is left
-                    failed.append(f"{what} ({exc})")
+                    failed.append(f"{what} ({reason(exc)})")
         finally:
             signal.signal(signal.SIGINT, previous)
         return failed

@@ -325,9 +325,15 @@ class FakeEngine:
     def _list_containers(self, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
         filters = _parse_filters(query)
         for key in filters:
-            if key not in {"label", "name", "id", "status"}:
+            if key not in {"label", "name", "id", "status", "network"}:
                 raise EngineError(400, f"Invalid filter '{key}'")
         show_all = query.get("all", ["0"])[0] in {"1", "true", "True"}
+
+        def on_network(container: dict[str, Any], ref: str) -> bool:
+            # By name, started or not; by ID only once started (dockerd fills in NetworkID at start).
+            networks = container["NetworkSettings"]["Networks"].items()
+            return any(ref in {name, endpoint.get("NetworkID")} for name, endpoint in networks)
+
         result = [
             {
                 "Id": c["Id"],
@@ -342,6 +348,7 @@ class FakeEngine:
             and all(re.search(v, c["Name"]) for v in filters.get("name", []))
             and all(c["Id"].startswith(v) for v in filters.get("id", []))
             and all(v == c["State"]["Status"] for v in filters.get("status", []))
+            and all(on_network(c, v) for v in filters.get("network", []))
         ]
         return 200, result
 

@@ -99,6 +99,6 @@ def leftovers(engine, slug: str, smolvm_state: Path, home: Path) -> dict:
         "containers": [c.name for c in engine.containers.list(all=True, filters=label)],
         "machines": [m for m in fake_smolvm.machines(smolvm_state) if m == f"bottle-{slug}"],
         "state": (home / "bottles" / slug).exists(),
-        "partial artifacts": [p.name for p in (home / "cache" / "artifacts").glob(".*partial*")],
+        "partial artifacts": [p.name for p in (home / "cache" / "artifacts").glob(".packing-*")],
     }
     return {k: v for k, v in found.items() if v}

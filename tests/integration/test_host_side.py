@@ -14,12 +14,14 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from bottle.backend import LABEL_SLUG
+from bottle.testing import fake_smolvm
 from tests.integration.conftest import MUTE_IMAGE, TEST_LABEL, bottle, leftovers
 
 HOSTILE_IMAGE = "bottle-test-hostile:labels"
@@ -81,6 +83,14 @@ def test_another_state_directory_can_neither_remove_nor_adopt_my_bottle(engine, 
         bundle = engine.containers.get(f"bottle-{slug}-bundle")
         assert bundle.status == "running"
         assert [n.name for n in engine.networks.list(filters={"label": f"{LABEL_SLUG}={slug}"})] == [f"bottle-{slug}"]
+        # smolvm's machines are shared by every BOTTLE_HOME of a user: with my bundle and network gone,
+        # the other home can neither adopt nor remove my machine.
+        bundle.remove(force=True)
+        engine.networks.get(f"bottle-{slug}").remove()
+        up = bottle("up", "-f", str(manifest), "--detach", env=theirs)
+        assert up.returncode == 1 and f"a smolvm machine named 'bottle-{slug}' exists but this bottle" in up.stderr
+        assert bottle("down", slug, env=theirs).stdout == f"bottle '{slug}': nothing to remove\n"
+        assert fake_smolvm.machines(smolvm_state)[f"bottle-{slug}"]["state"] == "running"
     finally:
         assert bottle("down", slug).returncode == 0
     assert leftovers(engine, slug, smolvm_state, home) == {}
@@ -89,15 +99,22 @@ def test_another_state_directory_can_neither_remove_nor_adopt_my_bottle(engine, 
 def test_a_stranger_on_the_bottle_network_stops_adoption(engine, slug, smolvm_state, home, write_manifest):
     manifest = write_manifest()
     assert bottle("up", "-f", str(manifest), "--detach").returncode == 0
-    stranger = engine.containers.run(MUTE_IMAGE, detach=True, name=f"{slug}-stranger", labels={TEST_LABEL: slug})
+    running = engine.containers.run(MUTE_IMAGE, detach=True, name=f"{slug}-stranger", labels={TEST_LABEL: slug})
+    stopped = engine.containers.create(MUTE_IMAGE, name=f"{slug}-sleeper", labels={TEST_LABEL: slug},
+                                       network=f"bottle-{slug}")  # never started: it can be, later  # fmt: skip
     try:
-        engine.networks.get(f"bottle-{slug}").connect(stranger)
+        result = bottle("up", "-f", str(manifest), "--detach")
+        assert result.returncode == 1
+        assert f"has container '{slug}-sleeper' attached, which is not this bottle's bundle" in result.stderr
+        stopped.remove(force=True)
+        engine.networks.get(f"bottle-{slug}").connect(running)
         result = bottle("up", "-f", str(manifest), "--detach")
         assert result.returncode == 1
         assert f"has container '{slug}-stranger' attached, which is not this bottle's bundle" in result.stderr
         assert f"docker network disconnect -f bottle-{slug} {slug}-stranger" in result.stderr
     finally:
-        stranger.remove(force=True)
+        running.remove(force=True)
+        stopped.remove(force=True) if f"{slug}-sleeper" in [c.name for c in engine.containers.list(all=True)] else None
     assert bottle("down", slug).returncode == 0
 
 
@@ -150,13 +167,13 @@ def test_down_on_a_read_only_state_directory_removes_the_rest_and_names_what_is_
 class DyingEngineProxy:
     """A unix socket in front of the Docker Engine that dies, every connection at once, at a chosen request."""
 
-    def __init__(self, path: Path, upstream: str, dies_at: bytes):
-        self.path, self.upstream, self.dies_at = path, upstream, dies_at
+    def __init__(self, path: Path, upstream: str, dies_at: bytes, *, after_forwarding: bool = False):
+        self.path, self.upstream, self.dies_at, self.after_forwarding = path, upstream, dies_at, after_forwarding
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(str(path))
         self.listener.listen()
         self.open: list[socket.socket] = [self.listener]
-        self.dead = threading.Event()
+        self.dead, self.swallowing = threading.Event(), threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -174,7 +191,13 @@ class DyingEngineProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(65536):
+                if not from_client and self.swallowing.is_set():
+                    return  # the Engine answered; the answer is lost
                 if from_client and self.dies_at in data:
+                    if self.after_forwarding:  # the Engine gets the request...
+                        self.swallowing.set()
+                        sink.sendall(data)
+                        time.sleep(1)
                     self.die()
                     return
                 sink.sendall(data)
@@ -191,18 +214,24 @@ class DyingEngineProxy:
             sock.close()
 
 
+@pytest.mark.parametrize(
+    ("dies_at", "after_forwarding", "step"),
+    [(b"/start HTTP/1.1", False, "bundle start"), (b"/networks/create HTTP/1.1", True, "network")],
+    ids=["before starting the bundle", "after creating the network"],
+)
 def test_the_engine_vanishing_mid_up_is_one_sentence_naming_the_fix(engine, slug, smolvm_state, home,
-                                                                    write_manifest, tmp_path):  # fmt: skip
+                                                                    write_manifest, tmp_path, dies_at,
+                                                                    after_forwarding, step):  # fmt: skip
     upstream = engine.api.base_url  # http+docker://localhost for the local socket
     socket_path = "/var/run/docker.sock" if "localhost" in upstream else pytest.fail(f"unexpected engine {upstream}")
-    proxy = DyingEngineProxy(tmp_path / "engine.sock", socket_path, dies_at=b"/start HTTP/1.1")
+    proxy = DyingEngineProxy(tmp_path / "engine.sock", socket_path, dies_at, after_forwarding=after_forwarding)
     try:
         result = bottle("up", "-f", str(write_manifest()), "--detach", env={"DOCKER_HOST": f"unix://{proxy.path}"})
     finally:
         proxy.die()
     assert proxy.dead.is_set() and result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("bottle: step 'bundle start' failed: the Docker Engine stopped answering"), result.stderr
+    assert last.startswith(f"bottle: step '{step}' failed: the Docker Engine stopped answering"), result.stderr
     assert f"`bottle down {slug}` removes them" in last and "Traceback" not in result.stderr
     assert bottle("down", slug).returncode == 0  # the command the sentence names does remove what was left
     assert leftovers(engine, slug, smolvm_state, home) == {}
@@ -242,3 +271,31 @@ def test_docker_client_errors_are_not_internal_errors(tmp_path):
     result = bottle("ls", env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
     assert result.returncode == 1
     assert result.stderr.startswith("bottle: no Docker Engine is reachable") and "internal error" not in result.stderr
+
+
+def test_a_failed_machine_delete_keeps_the_state_so_down_can_finish(engine, slug, smolvm_state, home, write_manifest):
+    assert bottle("up", "-f", str(write_manifest()), "--detach").returncode == 0
+    first = bottle("down", slug, env={"SMOLVM_FAKE_FAIL": "machine-delete"})
+    assert first.returncode == 1 and f"state: kept {home}/bottles/{slug}" in first.stderr
+    assert f"bottle-{slug}" in fake_smolvm.machines(smolvm_state)
+    second = bottle("down", slug)
+    assert second.returncode == 0 and f"removed machine bottle-{slug}" in second.stdout
+    assert leftovers(engine, slug, smolvm_state, home) == {}
+
+
+def test_a_planted_link_in_the_artifact_cache_is_neither_reused_nor_written_through(
+    engine, slug, smolvm_state, home, write_manifest, tmp_path
+):
+    manifest = write_manifest()
+    assert bottle("up", "-f", str(manifest), "--detach").returncode == 0
+    plan = json.loads((home / "bottles" / slug / "plan.json").read_text())
+    assert bottle("down", slug).returncode == 0
+    artifact, victim = Path(plan["artifact_path"]), tmp_path / "victim"
+    victim.write_text("not an artifact of ours")
+    artifact.unlink()
+    artifact.symlink_to(victim)
+    result = bottle("up", "-f", str(manifest), "--detach")
+    assert result.returncode == 0, result.stderr
+    assert "reusing" not in result.stderr and "packing" in result.stderr
+    assert victim.read_text() == "not an artifact of ours" and not artifact.is_symlink()
+    assert bottle("down", slug).returncode == 0

@@ -112,7 +112,7 @@ def test_gc_leaves_a_smolvm_machine_it_has_no_record_of(capsys, fake, home, smol
     smolvm.create("bottle-someone", tmp_path / "someone.smolmachine", [])  # named like a bottle's, not ours
     code, out, err = cli(capsys, "gc")
     assert code == 0 and "removed" not in out
-    assert "smolvm machine bottle-someone is named like a bottle's but has no plan" in err
+    assert "smolvm machine bottle-someone is named like a bottle's but this state directory has no record of making it" in err
     assert "bottle-someone" in fake_smolvm.machines(smolvm_state)
 
 
@@ -163,3 +163,47 @@ def test_smolvm_gets_no_secret_from_the_host_environment(tmp_path, monkeypatch):
     assert "canary" not in json.dumps(seen)
     assert seen["SMOLVM_LIB_DIR"] == "/opt/smol" and seen["PATH"] == os.environ["PATH"]
     assert set(smolvm_environment({"GITHUB_TOKEN": "x", "HOME": "/h"})) == {"HOME"}
+
+
+def test_preflight_runs_smolvm_without_the_hosts_secrets(tmp_path, monkeypatch):
+    from bottle.backends.smolmachines.preflight import check_smolvm
+
+    dump = tmp_path / "env"
+    script = tmp_path / "smolvm"
+    script.write_text(f"#!/bin/sh\nenv > '{dump}'\necho 'smolvm 0.8.0'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-canary")
+    check, version = check_smolvm(str(script))
+    assert check.ok and version == "0.8.0"
+    assert "sk-ant-canary" not in dump.read_text()
+
+
+@pytest.mark.parametrize("plan", ["[1]", '{"backend": "smolmachines"}', '{"backend": "smolm', '"text"'])
+def test_a_damaged_plan_is_drift_and_down_still_removes_the_bottle(capsys, fake, home, smolvm_state, plan):
+    store = StateStore(home)
+    store.write_private(store.bottle_dir("b") / "plan.json", plan.encode())
+    neighbour(fake, "bottle-b", {LABEL_MANAGED: "true", LABEL_SLUG: "b", LABEL_BACKEND: "smolmachines",
+                                 LABEL_OWNER: store.owner()}, network=True)  # fmt: skip
+    code, out, err = cli(capsys, "ls")
+    assert code == 0 and "its plan cannot be read (`bottle down b` removes the bottle)" in out, err
+    assert cli(capsys, "gc", "--dry-run")[:2] == (0, "nothing to collect\n")  # not an orphan: it has a directory
+    code, out, err = cli(capsys, "down", "b")
+    assert code == 0 and "removed network bottle-b" in out and not store.bottle_dir("b").exists(), err
+
+
+def test_gc_exits_1_when_an_orphan_cannot_be_removed(capsys, fake, home, smolvm_state):
+    owner = StateStore(home).owner()
+    neighbour(fake, "bottle-b", {LABEL_MANAGED: "true", LABEL_SLUG: "b", LABEL_BACKEND: "smolmachines",
+                                 LABEL_OWNER: owner}, network=True)  # fmt: skip
+    fake.engine.fail_next("DELETE", "/networks/.+", 500, "engine on fire")
+    code, out, err = cli(capsys, "gc")
+    assert code == 1 and "skipped b: could not remove all of bottle 'b': network: " in err
+    assert err.strip().splitlines()[-1] == "bottle: could not collect b; the lines above say why"
+
+
+def test_logs_read_only_this_state_directorys_bundle(capsys, fake, home, smolvm_state):
+    spoof = {LABEL_MANAGED: "true", LABEL_SLUG: "b", LABEL_BACKEND: "smolmachines", "bottle.role": "bundle"}
+    neighbour(fake, "from-an-image", spoof)
+    neighbour(fake, "another-home", spoof | {LABEL_OWNER: "a" * 32})
+    code, out, err = cli(capsys, "logs", "b")
+    assert (code, out) == (2, "") and "has no bundle made from this state directory" in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import docker
 import requests
 from docker.models.containers import Container
+from pydantic import ValidationError
 
 from bottle.backend import (
     LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, labels, owned_slug, why_not_owned,
@@ -31,7 +33,7 @@ from bottle.bundle.policy import is_header_value
 from bottle.errors import BottleError, StateError, StepFailed
 from bottle.manifest import Manifest, is_slug
 from bottle.state import StateStore
-from bottle.undo import Undo
+from bottle.undo import Undo, reason
 
 Progress = Callable[[str, str], None]
 
@@ -139,42 +141,83 @@ def ensure_artifact(
 ) -> None:
     """Pack the agent image once per image (and smolvm version); reuse the cached .smolmachine after that.
 
-    The artifact is packed under a temporary name and renamed into place, so an interrupted pack never
-    leaves a half-written artifact in the cache.
+    smolvm packs into a fresh private directory with an unpredictable name, and the artifact is renamed
+    into place, so an interrupted pack leaves nothing half-written and no planted link is written through.
     """
     stamp_path = plan.artifact_path.with_suffix(".json")
-    stamp = {"image": plan.agent_image, "smolvm_version": plan.smolvm_version}
-    if not repack and plan.artifact_path.exists() and state.read(stamp_path) == json.dumps(stamp).encode():
+    stamp = json.dumps({"image": plan.agent_image, "smolvm_version": plan.smolvm_version}).encode()
+    if not repack and state.is_file(plan.artifact_path) and state.read(stamp_path) == stamp:
         on_step("pack", f"reusing {plan.artifact_path}")
         return
-    state.private_dir(plan.artifact_path.parent)
-    partial = plan.artifact_path.with_name(f".{plan.artifact_path.stem}.{os.getpid()}.partial.smolmachine")
+    cache = state.private_dir(plan.artifact_path.parent)
     on_step("pack", f"packing {plan.agent_image} (this can take minutes)")
     started = time.monotonic()
     try:
-        smolvm.pack(plan.agent_image, partial)
-        os.chmod(partial, 0o600, follow_symlinks=False)  # smolvm made it under its own umask
-        os.replace(partial, plan.artifact_path)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".packing-") as scratch:
+            partial = Path(scratch) / plan.artifact_path.name
+            smolvm.pack(plan.agent_image, partial)
+            os.chmod(partial, 0o600)  # smolvm made it under its own umask
+            os.replace(partial, plan.artifact_path)
     except OSError as exc:
         raise StateError(f"cannot store the packed image at {plan.artifact_path}: {exc.strerror or exc}") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    state.write_private(stamp_path, json.dumps(stamp).encode())
+    state.write_private(stamp_path, stamp)
     on_step("pack", f"packed in {time.monotonic() - started:.0f} s")
 
 
-def ensure_machine(smolvm: Smolvm, plan: SmolmachinesBottlePlan, undo: Undo, on_step: Progress) -> None:
-    """Create the machine from the artifact with exactly the Smolfile's env and one CIDR; start it."""
+def machine_record(state: StateStore, slug: str) -> Path:
+    """Where this state directory notes the machines it made: outside the bottle's own directory, so a
+    machine is still known as ours after that directory is lost."""
+    return state.root / "machines" / f"{slug}.json"
+
+
+def read_record(state: StateStore, slug: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(state.read(machine_record(state, slug)) or b"null")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def ensure_machine(
+    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, undo: Undo, on_step: Progress
+) -> None:
+    """Create the machine from the artifact with exactly the Smolfile's env and one CIDR; start it.
+
+    A machine of that name is adopted only if this state directory made it (its record matches) with
+    exactly the plan's env and allowlist; one of ours that differs (the network moved, the env changed)
+    is made anew, and anyone else's is refused.
+    """
+    data = smolfile.build(plan.agent_env, plan.bundle_ip)
+    wanted = {"env": data["env"], "allow_cidrs": data["network"]["allow_cidrs"]}
+    record = read_record(state, plan.slug)
     existing = smolvm.machines().get(plan.machine_name)
+    if existing is not None and not _owns_machine(existing, plan.slug, state.owner(), record):
+        raise BottleError(
+            f"a smolvm machine named '{plan.machine_name}' exists but this bottle state directory did not create "
+            f"it; remove it (`smolvm machine delete {plan.machine_name} --force`) or rename the bottle"
+        )
+    if existing is not None and {k: (record or {}).get(k) for k in wanted} != wanted:
+        on_step("machine create", f"{plan.machine_name} differs from the plan; making it anew")
+        smolvm.delete(plan.machine_name)
+        existing = None
     if existing is None:
         on_step("machine create", f"{plan.machine_name}, allowed to reach {plan.allow_cidr} only")
-        data = smolfile.build(plan.agent_env, plan.bundle_ip)
         guest = ["--volume", f"{plan.guest_dir}:{GUEST_DIR}:ro"]  # the bundle's CA certificate, nothing else
         smolvm.create(plan.machine_name, plan.artifact_path, smolfile.flags(data) + guest)
-        undo.push(f"machine {plan.machine_name}", lambda: smolvm.delete(plan.machine_name))
+        undo.push(f"machine {plan.machine_name}", lambda: _delete_machine(smolvm, state, plan.slug))
+        made = smolvm.machines().get(plan.machine_name) or {}
+        state.write_private(machine_record(state, plan.slug), json.dumps(wanted | {"created_at": made.get("created_at")}).encode())
     if existing is None or existing.get("state") != "running":
         on_step("machine start", plan.machine_name)
         smolvm.start(plan.machine_name)
+
+
+def _delete_machine(smolvm: Smolvm, state: StateStore, slug: str) -> None:
+    smolvm.delete(resource_name(slug))
+    try:
+        state.remove_file(machine_record(state, slug))
+    except StateError:
+        pass  # a record of a machine that is gone matches no other machine (its creation time differs)
 
 
 def _step(name: str, action: Callable[[], Any]) -> Any:
@@ -214,7 +257,7 @@ def up(
         _step("bundle ready", lambda: wait_until_ready(client, plan, ready_timeout))
         on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
         _step("pack", lambda: ensure_artifact(smolvm, plan, state, repack=repack, on_step=on_step))
-        _step("machine", lambda: ensure_machine(smolvm, plan, undo, on_step))
+        _step("machine", lambda: ensure_machine(smolvm, plan, state, undo, on_step))
         _step("exec", lambda: smolvm.probe(plan.machine_name))
         on_step("exec", f"{plan.machine_name} runs commands")
     except BaseException as exc:
@@ -229,11 +272,16 @@ def up(
     return plan
 
 
-def _owns_machine(machine: dict[str, Any], slug: str, owner: str | None, plan: dict | None) -> bool:
-    """A smolvm machine is this state root's if it carries the owner's labels, or if its plan names it."""
+def _owns_machine(machine: dict[str, Any], slug: str, owner: str | None, record: dict[str, Any] | None) -> bool:
+    """A smolvm machine is this state directory's if it carries the owner's labels, or if this state
+    directory recorded making it (same creation time).
+
+    smolvm keeps one list of machines per user, shared by every BOTTLE_HOME, so a name proves nothing.
+    """
     if owned_slug(machine.get("labels"), BACKEND, owner) == slug:
         return True
-    return plan is not None and plan.get("backend") == BACKEND and plan.get("machine_name") == resource_name(slug)
+    made = (record or {}).get("created_at")
+    return made is not None and machine.get("created_at") == made
 
 
 def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[str]:
@@ -251,8 +299,8 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
 
     def machine() -> None:
         if smolvm.installed and (found := smolvm.machines().get(name)) is not None:
-            if _owns_machine(found, slug, owner, state.read_plan_data(slug)):
-                smolvm.delete(name)
+            if _owns_machine(found, slug, owner, read_record(state, slug)):
+                _delete_machine(smolvm, state, slug)
                 removed.append(f"machine {name}")
 
     def containers() -> None:
@@ -266,14 +314,16 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
             removed.append(f"network {network.name}")
 
     def files() -> None:
-        if (path := state.remove_bottle(slug)) is not None:
+        if failed:  # keep what proves the rest is ours, so that `bottle down` can try again
+            failed.append(f"state: kept {state.bottle_dir(slug)} until the rest is removed")
+        elif (path := state.remove_bottle(slug)) is not None:
             removed.append(f"state {path}")
 
     for part, action in [("machine", machine), ("bundle", containers), ("network", networks), ("state", files)]:
         try:
             action()
         except (BottleError, docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-            failed.append(f"{part}: {exc}")
+            failed.append(f"{part}: {reason(exc)}")
     if failed:
         done = f" (removed: {', '.join(removed)})" if removed else ""
         raise BottleError(f"could not remove all of bottle '{slug}': {'; '.join(failed)}{done}")
@@ -301,37 +351,42 @@ def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm) ->
             foreign.append(_foreign(f"{kind} {resource.name}", why, f"docker {kind} rm {resource.name}"))
         else:
             (networks if kind == "network" else bundles)[slug] = resource
-    plans = {}
+    plans: dict[str, SmolmachinesBottlePlan | None] = {}  # None: a plan that cannot be read
     for slug in state.slugs():
-        data = state.read_plan_data(slug)
-        if data and data.get("backend") == BACKEND:
-            plans[slug] = data
+        try:
+            data = state.read_plan_data(slug)
+            if data and data.get("backend") == BACKEND:
+                plans[slug] = SmolmachinesBottlePlan.model_validate(data)
+        except (StateError, ValidationError):
+            plans[slug] = None
     machines = {}
     for name, machine in (smolvm.machines() if smolvm.installed else {}).items():
         slug = name.removeprefix("bottle-")
         if not name.startswith("bottle-"):
             continue
-        if is_slug(slug) and _owns_machine(machine, slug, owner, plans.get(slug)):
+        if is_slug(slug) and _owns_machine(machine, slug, owner, read_record(state, slug)):
             machines[slug] = machine
         else:
-            why = "is named like a bottle's but has no plan in this state directory and no owner label"
+            why = "is named like a bottle's but this state directory has no record of making it"
             foreign.append(_foreign(f"smolvm machine {name}", why, f"smolvm machine delete {name} --force"))
     result = []
     for slug in sorted(set(plans) | set(networks) | set(bundles) | set(machines)):
-        plan = SmolmachinesBottlePlan.model_validate(plans[slug]) if slug in plans else None
+        plan = plans.get(slug)
         parts = {
             "network": "present" if slug in networks else "missing",
             "bundle": bundles[slug].status if slug in bundles else "missing",
             "machine": machines[slug].get("state", "unknown") if slug in machines else "missing",
         }
+        damaged = slug in plans and plan is None
+        drift = [f"its plan cannot be read (`bottle down {slug}` removes the bottle)"] if damaged else []
         result.append(
             BottleStatus(
                 slug=slug,
-                name=plan.name if plan else None,
+                name=slug if damaged else plan.name if plan else None,
                 backend=BACKEND,
                 address=str(plan.bundle_ip) if plan else None,
                 parts=parts,
-                drift=_drift(parts, has_plan=plan is not None),
+                drift=drift + _drift(parts, has_plan=slug in plans),
             )
         )
     return result + foreign

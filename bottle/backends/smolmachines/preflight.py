@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from bottle.backend import Check
+from bottle.backends.smolmachines.smolvm import smolvm_environment
 
 if TYPE_CHECKING:
     import docker
@@ -25,7 +26,8 @@ def check_smolvm(executable: str = "smolvm") -> tuple[Check, str | None]:
     if path is None:
         return Check(name="smolvm", ok=False, detail=f"'{executable}' is not on PATH", fix=INSTALL_SMOLVM), None
     try:
-        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False,
+                                env=smolvm_environment(os.environ))  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Check(name="smolvm", ok=False, detail=f"'{path} --version' failed: {exc}", fix=INSTALL_SMOLVM), None
     match = _VERSION.match(result.stdout.strip())

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 import docker
+import requests
 from docker.models.networks import Network
 from docker.types import IPAMConfig, IPAMPool
 
@@ -112,20 +113,17 @@ def survey(client: docker.DockerClient, slug: str, owner: str | None) -> tuple[N
 def check_members(client: docker.DockerClient, network: Network, slug: str, owner: str) -> None:
     """Refuse to adopt a network that holds a container other than this bottle's own bundle.
 
-    Anything else on the network could reach the bundle's proxy port and borrow its credentials.
+    Anything else on the network could reach the bundle's proxy port and borrow its credentials; a
+    stopped container counts too, since it can be started later.
     """
-    members = client.api.inspect_network(network.id).get("Containers") or {}
-    for container_id, member in members.items():
-        try:
-            found = client.api.inspect_container(container_id)["Config"].get("Labels")
-        except docker.errors.NotFound:
-            continue  # it left between the two looks
-        if owned_slug(found, BACKEND, owner) != slug or (found or {}).get(LABEL_ROLE) != "bundle":
-            who = member.get("Name") or container_id[:12]
+    # The Engine matches a container that never started by the network's name only, a started one by either.
+    for container in client.containers.list(all=True, filters={"network": network.name}):
+        found = container.labels or {}
+        if owned_slug(found, BACKEND, owner) != slug or found.get(LABEL_ROLE) != "bundle":
             raise BottleError(
-                f"docker network {network.name} has container '{who}' attached, which is not this bottle's "
-                f"bundle and could reach its proxy; remove it (`docker network disconnect -f {network.name} {who}`) "
-                "and try again"
+                f"docker network {network.name} has container '{container.name}' attached, which is not this "
+                f"bottle's bundle and could reach its proxy; remove it (`docker network disconnect -f "
+                f"{network.name} {container.name}`) and try again"
             )
 
 
@@ -184,8 +182,13 @@ def plan(
     return build_plan(manifest, addresses, None, state, smolvm_version)
 
 
+def _remove_networks(client: docker.DockerClient, slug: str, owner: str) -> None:
+    for network in client.networks.list(filters={"label": [f"{k}={v}" for k, v in labels(slug, BACKEND, owner).items()]}):
+        network.remove()
+
+
 def _create_network(
-    client: docker.DockerClient, slug: str, owner: str, pool: IPv4Network, routes: list[IPv4Network]
+    client: docker.DockerClient, slug: str, owner: str, pool: IPv4Network, routes: list[IPv4Network], undo: Undo
 ) -> tuple[Network, bool]:
     """Adopt the bottle's network or create it; return it and whether this call created it."""
     lost: list[IPv4Network] = []  # subnets another process won while we tried; never tried twice
@@ -210,6 +213,10 @@ def _create_network(
                 time.sleep(random.uniform(0.01, 0.1))
                 continue
             raise DockerProblem(f"docker refused to create network {resource_name(slug)}: {exc.explanation}") from exc
+        except requests.exceptions.RequestException:  # (APIError is one too: it is caught above)
+            # The Engine may have made the network and lost only its answer: undo it by its labels.
+            undo.push(f"network {resource_name(slug)}", lambda: _remove_networks(client, slug, owner))
+            raise
     raise DockerProblem(
         f"could not reserve a subnet for bottle '{slug}' after {CREATE_ATTEMPTS} attempts, "
         "because other networks kept taking them; try again"
@@ -231,7 +238,7 @@ def prepare_parts(
     if state.read(state.bottle_dir(slug) / PLAN_FILE) is None:
         undo.push(f"state {state.bottle_dir(slug)}", lambda: state.remove_bottle(slug))
     owner = state.owner(create=True)
-    network, created = _create_network(client, slug, owner, pool, routes)
+    network, created = _create_network(client, slug, owner, pool, routes, undo)
     if created:
         undo.push(f"network {network.name}", network.remove)
     addresses = adopted_addresses(network)
