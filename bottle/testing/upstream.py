@@ -48,6 +48,11 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 drops connections that arrive together, as a burst of clients does
+    daemon_threads = True
+
+
 def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[str]) -> tuple[bytes, bytes]:
     """A server certificate for `names`, signed by the given CA: (key PEM, cert PEM)."""
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
@@ -77,7 +82,7 @@ def echo_server(host: str, *, tls_names: list[str] | None = None, workdir: Path 
 
     Yields {"port": ..., "ca": path of the CA certificate that signed it (TLS only)}.
     """
-    server = ThreadingHTTPServer((host, 0), _Echo)
+    server = _Server((host, 0), _Echo)
     info: dict[str, Any] = {"port": server.server_address[1]}
     if tls_names:
         assert workdir is not None
