@@ -230,7 +230,8 @@ class StateStore:
             plan = None
         if not isinstance(plan, dict):
             raise StateError(
-                f"{self.bottle_dir(slug) / PLAN_FILE} is not a plan bottle wrote; `bottle down {slug}` removes the bottle"
+                f"{self.bottle_dir(slug) / PLAN_FILE} is not a plan bottle wrote; "
+                f"`bottle down {slug}` removes the bottle"
             )
         return plan
 

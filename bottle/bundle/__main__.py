@@ -10,12 +10,13 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from bottle.bundle import CA_DIR, CONFIG_FILE, SECRETS_FILE
-from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink
+from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink, stream_sink
 from bottle.bundle.ca import CA_FILE, split_ca
 from bottle.bundle.policy import BundleConfig, Policy, Resolver, is_header_value, resolve
 
@@ -76,7 +77,9 @@ async def serve(
         shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
         opts = options.Options(listen_host=listen_host, listen_port=config.port, confdir=confdir)
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-        master.options.update(connection_strategy="lazy", termlog_verbosity="warn", ssl_insecure=False)
+        # rawtcp off: inside a tunnel, anything that is not TLS is parsed as HTTP and meets the policy,
+        # never relayed as raw bytes past it.
+        master.options.update(connection_strategy="lazy", termlog_verbosity="warn", ssl_insecure=False, rawtcp=False)
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
@@ -92,8 +95,18 @@ def main() -> int:
     except ValueError as exc:
         print(f"bottle-bundle: {exc}; refusing to start", file=sys.stderr)
         return 2
+    try:
+        with socket.socket() as probe:  # say it in one line now rather than as mitmproxy's startup error
+            probe.bind(("0.0.0.0", config.port))
+    except OSError as exc:
+        print(f"bottle-bundle: cannot listen on :{config.port} ({exc.strerror}); refusing to start", file=sys.stderr)
+        return 2
+    # stdout carries the audit log and nothing else: whatever else prints (mitmproxy's log, a
+    # traceback) goes to stderr.
+    audit = stream_sink(os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1))
+    sys.stdout = sys.stderr
     print(f"bottle-bundle: serving on :{config.port} with {len(config.allow)} allow rules", file=sys.stderr)
-    asyncio.run(serve(config, secrets, ca_file))
+    asyncio.run(serve(config, secrets, ca_file, audit=audit))
     return 0
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url
@@ -34,10 +34,18 @@ DNS_TIMEOUT = 5.0  # seconds one name may take to resolve before its request is 
 DECISION_TTL = 2.0  # seconds a decision (with its checked address) is reused for the same host and port
 
 
+def stream_sink(stream: IO[str]) -> AuditSink:
+    """One JSON line per entry on `stream` (the bundle's stdout: `bottle logs` reads it with `docker logs`)."""
+
+    def write(entry: dict[str, Any]) -> None:
+        stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        stream.flush()
+
+    return write
+
+
 def stdout_sink(entry: dict[str, Any]) -> None:
-    """One JSON line per entry on stdout: `bottle logs` reads it back with `docker logs`."""
-    sys.stdout.write(json.dumps(entry, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+    stream_sink(sys.stdout)(entry)
 
 
 def _name(host: str) -> str:
@@ -64,6 +72,8 @@ class BottlePolicy:
         self.dns_timeout = dns_timeout
         self._resolving = ThreadPoolExecutor(max_workers=32, thread_name_prefix="bottle-dns")
         self._decisions: dict[tuple[str, int], tuple[float, Decision]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future[Decision]] = {}
+        self._mismatched: set[str] = set()  # passthrough connections whose server name was not their host
         self._tunnels: dict[str, tuple[str, int]] = {}  # client connection id -> its CONNECT host and port
         self._passthrough: set[str] = set()  # client connections tunnelled without interception
 
@@ -78,13 +88,15 @@ class BottlePolicy:
         cached = self._decisions.get(key)
         if cached is not None and time.monotonic() - cached[0] < DECISION_TTL:
             return cached[1]
-        loop = asyncio.get_running_loop()
+        pending = self._pending.get(key)
+        if pending is None:  # one lookup per name at a time, however many requests wait for it
+            loop = asyncio.get_running_loop()
+            pending = self._pending[key] = loop.run_in_executor(self._resolving, self.policy.decide, *key)
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
         try:
-            decision = await asyncio.wait_for(
-                loop.run_in_executor(self._resolving, self.policy.decide, *key), self.dns_timeout
-            )
+            decision = await asyncio.wait_for(asyncio.shield(pending), self.dns_timeout)
         except asyncio.TimeoutError:
-            decision = Decision(False, "dns", f"{key[0]} did not resolve within {self.dns_timeout:g} s")
+            return Decision(False, "dns", f"{key[0]} did not resolve within {self.dns_timeout:g} s")
         self._decisions[key] = (time.monotonic(), decision)
         if len(self._decisions) > 4096:  # drop the stale ones now and then
             now = time.monotonic()
@@ -101,6 +113,8 @@ class BottlePolicy:
         request = flow.request
         tunnel = self._tunnels.get(flow.client_conn.id)
         host, port = tunnel if tunnel else (_name(request.host), request.port)
+        if flow.client_conn.id in self._mismatched:
+            return f"the TLS server name does not name {host}, the host of this passthrough tunnel"
         names: list[tuple[str, str]] = [("the request target", request.authority)]
         names += [("Host", value) for value in request.headers.get_all("host")]
         if flow.client_conn.tls:
@@ -110,7 +124,7 @@ class BottlePolicy:
                 continue
             named = _authority(value)
             if named is None:
-                return f"{what} {value!r} is not a host name"
+                return f"{what} is not a host name and port"  # its text may hold anything: it is not echoed
             if named[0] != host or named[1] not in (None, port):
                 shown = named[0] if named[1] is None else f"{named[0]}:{named[1]}"
                 return f"{what} names {shown} but the request goes to {host}:{port}"
@@ -149,7 +163,7 @@ class BottlePolicy:
     def _where(self, flow: http.HTTPFlow) -> dict[str, Any]:
         request = flow.request
         tunnel = self._tunnels.get(flow.client_conn.id)
-        host, port = tunnel if tunnel and request.method != "CONNECT" else (request.host, request.port)
+        host, port = tunnel if tunnel and request.method != "CONNECT" else (_name(request.host), request.port)
         return {"method": request.method, "host": host, "port": port, "path": redact_path(request.path)}
 
     def _refuse(self, flow: http.HTTPFlow, decision: Decision) -> None:
@@ -167,7 +181,8 @@ class BottlePolicy:
         self._tunnels[flow.client_conn.id] = (_name(flow.request.host), flow.request.port)
         if not decision.intercept:
             self._passthrough.add(flow.client_conn.id)
-            self._log(flow, decision, **self._where(flow), status=200, bytes_out=None, bytes_in=None)
+        # The tunnel gets its own line (each request inside an intercepted one gets one more).
+        self._log(flow, decision, **self._where(flow), status=200, bytes_out=None, bytes_in=None)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         tunnel = self._tunnels.get(data.context.client.id)
@@ -176,10 +191,12 @@ class BottlePolicy:
         if data.context.client.id in self._passthrough and _name(data.client_hello.sni or "") == tunnel[0]:
             data.ignore_connection = True  # tunnelled as is: the agent's TLS, to the name it tunnelled to
             return
-        # Intercepted (a passthrough whose server name does not match is intercepted, so that its request
-        # meets `destination` and is refused with a 403). Upstream TLS names and verifies the tunnel's
-        # host, whatever name the agent sent.
-        self._passthrough.discard(data.context.client.id)
+        # Intercepted. A passthrough whose server name does not match (or is missing) is intercepted so
+        # that its requests are refused with a 403 and logged. Upstream TLS names and verifies the
+        # tunnel's host, whatever name the agent sent.
+        if data.context.client.id in self._passthrough:
+            self._passthrough.discard(data.context.client.id)
+            self._mismatched.add(data.context.client.id)
         data.context.server.sni = tunnel[0]
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -198,7 +215,7 @@ class BottlePolicy:
         if not (request.is_http2 or request.is_http3):
             request.authority = ""  # origin-form upstream: the target carries no authority of its own
         credentials = self.policy.headers_for(host, self.secrets)
-        if credentials and self.verified_tls(flow, host):
+        if credentials and decision.intercept and self.verified_tls(flow, host):
             for header, value in credentials.items():
                 request.headers[header] = value  # replaces whatever the agent sent under that name
         else:
@@ -211,8 +228,8 @@ class BottlePolicy:
         if decision is None or flow.response is None:
             return  # refused above, and logged there
         request = flow.request
-        self._log(flow, decision, **self._where(flow), status=flow.response.status_code,
-                  bytes_out=len(request.raw_content or b""), bytes_in=len(flow.response.raw_content or b""))  # fmt: skip
+        sizes = {"bytes_out": len(request.raw_content or b""), "bytes_in": len(flow.response.raw_content or b"")}
+        self._log(flow, decision, **self._where(flow), status=flow.response.status_code, **sizes)
 
     def error(self, flow: http.HTTPFlow) -> None:
         decision = flow.metadata.get("bottle_decision")
@@ -241,6 +258,13 @@ class BottlePolicy:
             return
         data.server.address = (str(decision.address), port)  # connect to exactly the address we checked
 
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.client.id in self._passthrough and not str(data.server.error or "").startswith("bottle: refused"):
+            host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
+            self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
+                      reason=str(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+
     def client_disconnected(self, client: connection.Client) -> None:
         self._tunnels.pop(client.id, None)
         self._passthrough.discard(client.id)
+        self._mismatched.discard(client.id)

@@ -51,11 +51,12 @@ def split_ca(pem: bytes) -> tuple[bytes, bytes] | None:
     """The (key PEM, certificate PEM) of a CA file that `create_ca` wrote, or None if it is not one."""
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-        certificate = x509.load_pem_x509_certificate(pem)
+        certificates = x509.load_pem_x509_certificates(pem)  # every one of them must parse
     except (ValueError, TypeError):
         return None
-    if key.public_key() != certificate.public_key():
+    if len(certificates) != 1 or pem.count(b"-----BEGIN") != 2 or key.public_key() != certificates[0].public_key():
         return None
+    certificate = certificates[0]
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     )

@@ -79,7 +79,8 @@ class Rule(_Frozen):
     """One allowed destination: a host or `*.suffix`, its ports, and private CIDRs it may resolve into."""
 
     host: Host
-    ports: list[Annotated[int, Field(gt=0, lt=65536)]] = Field(default_factory=lambda: [443, 80], min_length=1)
+    ports: list[Annotated[int, Field(strict=True, gt=0, lt=65536)]] = Field(default_factory=lambda: [443, 80],
+                                                                            min_length=1)  # fmt: skip
     cidrs: list[Annotated[IPNetwork, AfterValidator(_opt_in)]] = Field(default_factory=list)
     intercept: bool = True  # False: CONNECT is tunnelled without TLS interception (no injection, less audit)
 
@@ -106,7 +107,7 @@ class BundleConfig(_Frozen):
     """/etc/bottle/config.json in the bundle."""
 
     format: Literal[1] = 1
-    port: Annotated[int, Field(gt=0, lt=65536)] = 8888
+    port: Annotated[int, Field(strict=True, gt=0, lt=65536)] = 8888
     allow: list[Rule] = Field(default_factory=list)
     credentials: list[Credential] = Field(default_factory=list)
     refuse: list[IPNetwork] = Field(default_factory=list)  # the bottle's own subnet and gateway
@@ -235,6 +236,7 @@ def redact_path(path: str) -> str:
     """
     path, _, _ = path.partition("#")
     base, sep, query = path.partition("?")
+    base = re.sub("%3[dD]", "=", re.sub("%3[bB]", ";", base))  # an encoded parameter is still a parameter
     segments = [s.partition(";") for s in base.split("/")]  # a segment, then its `;` parameters
     base = "/".join(head + (sep and ";" + _redact_parameters(rest, ";")) for head, sep, rest in segments)
     return base + (("?" + _redact_parameters(query, "&;")) if sep else "")

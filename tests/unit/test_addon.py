@@ -72,10 +72,13 @@ def test_connect_to_a_host_off_the_allowlist_gets_a_403_naming_it(addon):
     }  # fmt: skip
 
 
-def test_connect_to_an_allowed_host_passes_without_a_response(addon):
+def test_connect_to_an_allowed_host_passes_without_a_response_and_gets_its_own_line(addon):
     f = flow("api.example.com", method="CONNECT", path="")
     run(addon.http_connect(f))
-    assert f.response is None and addon.log == []  # logged per request, once intercepted
+    assert f.response is None
+    [entry] = addon.log  # the tunnel; each request inside it gets a line of its own
+    assert (entry["method"], entry["host"], entry["decision"], entry["status"]) == ("CONNECT", "api.example.com",
+                                                                                      "allow", 200)  # fmt: skip
 
 
 def test_a_request_in_a_verified_tunnel_gets_its_hosts_credential_replacing_the_agents(addon):
@@ -181,7 +184,8 @@ def test_an_error_gets_exactly_one_audit_line(addon):
     f.error = tflow.terr("connection refused")
     addon.error(f)
     addon.error(f)
-    [entry] = addon.log
+    [connect, entry] = addon.log
+    assert connect["method"] == "CONNECT"
     assert (entry["decision"], entry["reason"], entry["host"]) == ("error", "connection refused", "api.example.com")
 
 
@@ -197,7 +201,7 @@ class Hello:
     [
         ("other.example.com", "other.example.com", True, None),  # passthrough to the name it tunnelled to
         ("other.example.com", "evil.example.net", False, "other.example.com"),  # another name: intercepted, refused
-        ("other.example.com", None, False, "other.example.com"),
+        ("other.example.com", None, False, "other.example.com"),  # no server name: intercepted, refused
         ("api.example.com", "evil.example.net", False, "api.example.com"),  # upstream TLS names the tunnel's host
     ],
 )
@@ -208,3 +212,33 @@ def test_the_tls_server_name_decides_passthrough_and_never_the_upstream_name(add
     addon.tls_clienthello(hello)
     assert hello.ignore_connection is ignored
     assert hello.context.server.sni == (upstream_sni or hello.context.server.sni)
+
+
+@pytest.mark.parametrize("sni", ["evil.example.net", None])
+def test_a_passthrough_tunnel_with_another_or_no_server_name_is_refused_and_never_credentialed(addon, sni):
+    addon.policy.config.credentials.append(
+        Credential(host="other.example.com", header="x-pass-key", secret="c0")
+    )  # a bundle config that (unlike a manifest) names a credential for a passthrough host
+    connect = flow("other.example.com", method="CONNECT", path="")
+    run(addon.http_connect(connect))
+    addon.tls_clienthello(Hello(connect.client_conn, sni))
+    inner = flow("other.example.com", client=connect.client_conn)
+    inner.client_conn.tls, inner.client_conn.sni = True, sni
+    inner.server_conn.tls, inner.server_conn.sni = True, "other.example.com"
+    run(addon.request(inner))
+    assert inner.response.status_code == 403 and "x-pass-key" not in inner.request.headers
+    assert "the TLS server name does not name other.example.com" in inner.response.text
+
+
+def test_concurrent_lookups_of_one_slow_name_take_one_resolver_thread(addon, monkeypatch):
+    calls = []
+    real = addon.policy.decide
+    monkeypatch.setattr(addon.policy, "decide", lambda host, port: calls.append(host) or real(host, port))
+
+    async def many():
+        slow = [asyncio.ensure_future(addon.decide("slow.example.com", 443)) for _ in range(40)]
+        fast = await addon.decide("api.example.com", 443)
+        return fast, await asyncio.gather(*slow)
+
+    fast, slow = run(many())
+    assert fast.allowed and calls.count("slow.example.com") == 1

@@ -49,14 +49,28 @@ def test_bad_secrets_stop_the_bundle_with_one_line(tmp_path, secrets, why):
     assert "sk-x" not in err  # the refusal names the secret, never its value
 
 
-@pytest.mark.parametrize("port", [0, 65536, 70000, -1])
+@pytest.mark.parametrize("port", [0, 65536, 70000, -1, True, "9999", 8888.0])
 def test_a_port_out_of_range_stops_the_bundle(tmp_path, port):
     code, err = start(tmp_path, config=json.dumps(json.loads(CONFIG.model_dump_json()) | {"port": port}))
     assert code == 2 and "port" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("ca", [b"", b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
-                                create_ca("only the cert")[1], create_ca("a")[0] + create_ca("b")[1]])  # fmt: skip
+BAD_CERT = b"-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJAKHHIG\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("ca", [b"", BAD_CERT, create_ca("only the cert")[1], create_ca("a")[0] + create_ca("b")[1],
+                                b"".join(create_ca("c")) + BAD_CERT])  # fmt: skip
 def test_a_ca_that_does_not_parse_or_match_stops_the_bundle(tmp_path, ca):
     code, err = start(tmp_path, ca=ca)
     assert code == 2 and "the bundle's CA" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_port_in_use_stops_the_bundle_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = start(tmp_path, config=json.dumps(json.loads(CONFIG.model_dump_json()) | {"port": port}))
+    assert code == 2 and f"cannot listen on :{port}" in err and err.count("\n") == 1

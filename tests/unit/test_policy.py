@@ -140,6 +140,7 @@ def test_credentials_are_for_their_exact_host_only():
         ("/files;sk-secret/x", "/files;REDACTED/x"),
         ("/a?%73k=secret", "/a?REDACTED"),  # an encoded name is not a plain name
         ("/a#sk-secret", "/a"),
+        ("/a%3Btok%3Dsk-secret", "/a;tok=REDACTED"),  # an encoded `;` parameter is a parameter
     ],
 )
 def test_nothing_but_parameter_names_reaches_the_log(path, logged):

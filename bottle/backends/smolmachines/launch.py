@@ -78,7 +78,8 @@ def _bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, owner: st
     found = container.labels or {}
     if owned_slug(found, BACKEND, owner) != plan.slug or found.get(LABEL_ROLE) != "bundle":
         raise BottleError(
-            f"a container named '{plan.bundle_container_name}' exists but this bottle state directory did not create it; "
+            f"a container named '{plan.bundle_container_name}' exists but this bottle state directory did not "
+            "create it; "
             f"remove it (`docker rm -f {plan.bundle_container_name}`) or rename the bottle"
         )
     return container
@@ -206,7 +207,8 @@ def ensure_machine(
         smolvm.create(plan.machine_name, plan.artifact_path, smolfile.flags(data) + guest)
         undo.push(f"machine {plan.machine_name}", lambda: _delete_machine(smolvm, state, plan.slug))
         made = smolvm.machines().get(plan.machine_name) or {}
-        state.write_private(machine_record(state, plan.slug), json.dumps(wanted | {"created_at": made.get("created_at")}).encode())
+        record = wanted | {"created_at": made.get("created_at")}
+        state.write_private(machine_record(state, plan.slug), json.dumps(record).encode())
     if existing is None or existing.get("state") != "running":
         on_step("machine start", plan.machine_name)
         smolvm.start(plan.machine_name)

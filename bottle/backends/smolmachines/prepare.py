@@ -183,7 +183,8 @@ def plan(
 
 
 def _remove_networks(client: docker.DockerClient, slug: str, owner: str) -> None:
-    for network in client.networks.list(filters={"label": [f"{k}={v}" for k, v in labels(slug, BACKEND, owner).items()]}):
+    selector = [f"{key}={value}" for key, value in labels(slug, BACKEND, owner).items()]
+    for network in client.networks.list(filters={"label": selector}):
         network.remove()
 
 
@@ -243,7 +244,8 @@ def prepare_parts(
         undo.push(f"network {network.name}", network.remove)
     addresses = adopted_addresses(network)
     result = build_plan(manifest, addresses, network.id, state, smolvm_version)
-    state.write_private(result.smolfile_path, smolfile.render(smolfile.build(result.agent_env, result.bundle_ip)).encode())
+    rendered = smolfile.render(smolfile.build(result.agent_env, result.bundle_ip))
+    state.write_private(result.smolfile_path, rendered.encode())
     state.write_private(result.bundle_dir / CONFIG_FILE, bundle_config(manifest, addresses))
     ensure_ca(result, state)
     state.save_plan(result)
