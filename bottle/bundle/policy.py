@@ -180,6 +180,8 @@ class Policy:
             return "the bottle's own network, which the bundle never connects to"
         if _embedded_ipv4(address):
             return None  # an IPv6 form of an IPv4 address that passed the checks above
+        if address.is_reserved or address.is_multicast or address.is_loopback or address.is_link_local:
+            return "a loopback, link-local, reserved or metadata address the bundle never connects to"
         if address.is_global or any(address in n for n in rule.cidrs if n.version == address.version):
             return None
         return "a private address this rule does not opt in (add it to the rule's cidrs to allow it)"
@@ -212,7 +214,7 @@ def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
     return found
 
 
-_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}")
+_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,32}")  # a longer "name" is more likely a token
 
 
 def _redact_parameters(text: str, separators: str) -> str:
@@ -223,8 +225,10 @@ def _redact_parameters(text: str, separators: str) -> str:
         if len(part) == 1 and part in separators:
             out.append(part)
             continue
-        name, sep, _ = part.partition("=")
-        out.append(f"{name}=REDACTED" if sep and _NAME.fullmatch(name) else "REDACTED" if part else "")
+        name, sep, value = part.partition("=")
+        # A name with no value, or only `=` after it, is most likely a bare token with base64 padding.
+        named = sep and value.strip("=") and _NAME.fullmatch(name)
+        out.append(f"{name}=REDACTED" if named else "REDACTED" if part else "")
     return "".join(out)
 
 

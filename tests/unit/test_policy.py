@@ -141,6 +141,8 @@ def test_credentials_are_for_their_exact_host_only():
         ("/a?%73k=secret", "/a?REDACTED"),  # an encoded name is not a plain name
         ("/a#sk-secret", "/a"),
         ("/a%3Btok%3Dsk-secret", "/a;tok=REDACTED"),  # an encoded `;` parameter is a parameter
+        ("/a?c2stc2VjcmV0==&x=1", "/a?REDACTED&x=REDACTED"),  # a base64 token with its padding
+        ("/a?" + "t" * 40 + "=1", "/a?REDACTED"),  # a "name" that long is more likely a token
     ],
 )
 def test_nothing_but_parameter_names_reaches_the_log(path, logged):
