@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,11 +28,13 @@ from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
-from bottle.bundle.policy import Decision, Policy, redact_path
+from bottle.bundle.policy import Decision, IPAddress, Policy, redact_path
 
 AuditSink = Callable[[dict[str, Any]], None]
 DNS_TIMEOUT = 5.0  # seconds one name may take to resolve before its request is refused
 DECISION_TTL = 2.0  # seconds a decision (with its checked address) is reused for the same host and port
+DNS_PORTS = frozenset({53, 5353})
+_QUOTED = re.compile(r"""b'.*|b".*|[0-9a-fA-F]{16,}.*""", re.S)  # bytes mitmproxy quotes in its errors
 
 
 def stream_sink(stream: IO[str]) -> AuditSink:
@@ -72,7 +75,7 @@ class BottlePolicy:
         self.dns_timeout = dns_timeout
         self._resolving = ThreadPoolExecutor(max_workers=32, thread_name_prefix="bottle-dns")
         self._decisions: dict[tuple[str, int], tuple[float, Decision]] = {}
-        self._pending: dict[tuple[str, int], asyncio.Future[Decision]] = {}
+        self._pending: dict[str, asyncio.Future[list[IPAddress] | Exception]] = {}
         self._mismatched: set[str] = set()  # passthrough connections whose server name was not their host
         self._tunnels: dict[str, tuple[str, int]] = {}  # client connection id -> its CONNECT host and port
         self._passthrough: set[str] = set()  # client connections tunnelled without interception
@@ -88,15 +91,19 @@ class BottlePolicy:
         cached = self._decisions.get(key)
         if cached is not None and time.monotonic() - cached[0] < DECISION_TTL:
             return cached[1]
-        pending = self._pending.get(key)
-        if pending is None:  # one lookup per name at a time, however many requests wait for it
+        rule = self.policy.rule_for(key[0])
+        if rule is None or port not in rule.ports:
+            return self.policy.decide(*key)  # refused by name or port, without a lookup
+        pending = self._pending.get(key[0])
+        if pending is None:  # one lookup per name at a time, whatever the port and however many wait
             loop = asyncio.get_running_loop()
-            pending = self._pending[key] = loop.run_in_executor(self._resolving, self.policy.decide, *key)
-            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+            pending = self._pending[key[0]] = loop.run_in_executor(self._resolving, self.policy.lookup, *key)
+            pending.add_done_callback(lambda _: self._pending.pop(key[0], None))
         try:
-            decision = await asyncio.wait_for(asyncio.shield(pending), self.dns_timeout)
+            found = await asyncio.wait_for(asyncio.shield(pending), self.dns_timeout)
         except asyncio.TimeoutError:
             return Decision(False, "dns", f"{key[0]} did not resolve within {self.dns_timeout:g} s")
+        decision = self.policy.decide(*key, found)
         self._decisions[key] = (time.monotonic(), decision)
         if len(self._decisions) > 4096:  # drop the stale ones now and then
             now = time.monotonic()
@@ -160,6 +167,14 @@ class BottlePolicy:
                 entry["reason"] = outcome.reason
         self.audit(entry)
 
+    def _safe(self, error: object) -> str:
+        """An error as the log may keep it: no secret, and none of the bytes mitmproxy quotes (an upstream
+        can reflect a header into them, an agent can put a token there)."""
+        text = str(error)
+        for value in self.secrets.values():
+            text = text.replace(value, "REDACTED")
+        return _QUOTED.sub("(data withheld)", text)[:300]
+
     def _where(self, flow: http.HTTPFlow) -> dict[str, Any]:
         request = flow.request
         tunnel = self._tunnels.get(flow.client_conn.id)
@@ -174,6 +189,10 @@ class BottlePolicy:
     # -- mitmproxy's hooks
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.request.port in DNS_PORTS:  # mitmproxy relays these as DNS, past the HTTP layer
+            reason = f"port {flow.request.port} is DNS, which the bundle never tunnels"
+            self._refuse(flow, Decision(False, "dns port", reason))
+            return
         decision = await self.decide(flow.request.host, flow.request.port)
         if not decision.allowed:
             self._refuse(flow, decision)
@@ -233,12 +252,12 @@ class BottlePolicy:
 
     def error(self, flow: http.HTTPFlow) -> None:
         decision = flow.metadata.get("bottle_decision")
-        failed = {"decision": "error", "rule": decision.rule if decision else None, "reason": str(flow.error)}
+        failed = {"decision": "error", "rule": decision.rule if decision else None, "reason": self._safe(flow.error)}
         self._log(flow, None, **self._where(flow), **failed, status=None, bytes_out=0, bytes_in=0)
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         host, port = self._tunnels.get(data.context.client.id) or (None, None)
-        reason = f"the agent's TLS handshake with the bundle failed: {data.conn.error}"
+        reason = f"the agent's TLS handshake with the bundle failed: {self._safe(data.conn.error)}"
         failed = {"decision": "error", "rule": None, "reason": reason}
         self._log(None, None, method="TLS", host=host, port=port, path="", **failed, status=None, bytes_out=0,
                   bytes_in=0)  # fmt: skip
@@ -262,7 +281,7 @@ class BottlePolicy:
         if data.client.id in self._passthrough and not str(data.server.error or "").startswith("bottle: refused"):
             host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
             self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
-                      reason=str(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+                      reason=self._safe(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._tunnels.pop(client.id, None)

@@ -150,18 +150,27 @@ class Policy:
     def rule_for(self, host: str) -> Rule | None:
         return next((r for r in self.config.allow if r.matches(host)), None)
 
-    def decide(self, host: str, port: int) -> Decision:
-        """Allow `host:port` only if a rule names it and every address it resolves to may be reached."""
+    def lookup(self, host: str, port: int) -> list[IPAddress] | Exception:
+        """The addresses `host` resolves to, or the error resolving it raised."""
+        try:
+            return self.resolver(host, port)
+        except (OSError, ValueError) as exc:
+            return exc
+
+    def decide(self, host: str, port: int, found: list[IPAddress] | Exception | None = None) -> Decision:
+        """Allow `host:port` only if a rule names it and every address it resolves to may be reached.
+
+        `found` is what `lookup` returned for the host, if the caller already resolved it.
+        """
         host = host.lower().rstrip(".")
         rule = self.rule_for(host)
         if rule is None:
             return Decision(False, "no rule", f"{host} is not on this bottle's egress allowlist")
         if port not in rule.ports:
             return Decision(False, rule.label, f"{host} is allowed on ports {rule.ports} only, not {port}")
-        try:
-            addresses = self.resolver(host, port)
-        except (OSError, ValueError) as exc:
-            return Decision(False, rule.label, f"{host} does not resolve ({exc})")
+        addresses = self.lookup(host, port) if found is None else found
+        if isinstance(addresses, Exception):
+            return Decision(False, rule.label, f"{host} does not resolve ({addresses})")
         if not addresses:
             return Decision(False, rule.label, f"{host} does not resolve")
         for address in addresses:

@@ -230,15 +230,36 @@ def test_a_passthrough_tunnel_with_another_or_no_server_name_is_refused_and_neve
     assert "the TLS server name does not name other.example.com" in inner.response.text
 
 
-def test_concurrent_lookups_of_one_slow_name_take_one_resolver_thread(addon, monkeypatch):
+def test_concurrent_lookups_of_one_slow_name_take_one_resolver_thread_whatever_the_port(addon, monkeypatch):
     calls = []
-    real = addon.policy.decide
-    monkeypatch.setattr(addon.policy, "decide", lambda host, port: calls.append(host) or real(host, port))
+    real = addon.policy.lookup
+    monkeypatch.setattr(addon.policy, "lookup", lambda host, port: calls.append(host) or real(host, port))
 
     async def many():
-        slow = [asyncio.ensure_future(addon.decide("slow.example.com", 443)) for _ in range(40)]
+        slow = [asyncio.ensure_future(addon.decide("slow.example.com", port)) for port in [443, 80] * 20]
         fast = await addon.decide("api.example.com", 443)
         return fast, await asyncio.gather(*slow)
 
     fast, slow = run(many())
     assert fast.allowed and calls.count("slow.example.com") == 1
+
+
+@pytest.mark.parametrize("port", [53, 5353])
+def test_dns_ports_are_never_tunnelled(addon, port):
+    addon.policy.config.allow[0].ports.append(port)  # even where a rule lists them
+    f = flow("api.example.com", port=port, method="CONNECT", path="")
+    run(addon.http_connect(f))
+    assert f.response.status_code == 403 and f"port {port} is DNS" in f.response.text
+
+
+def test_error_reasons_keep_no_secret_and_no_quoted_bytes(addon):
+    f = tunnel(addon, "api.example.com")
+    run(addon.request(f))
+    f.error = tflow.terr("Cannot parse HTTP response: Invalid header line: b'X-Reflect Key s3cret'")
+    addon.error(f)
+    reason = addon.log[-1]["reason"]
+    assert "s3cret" not in reason and reason == "Cannot parse HTTP response: Invalid header line: (data withheld)"
+    assert addon._safe("Cannot parse ClientHello: 160301000568656c6c6f3f746f6b656e3d") == (
+        "Cannot parse ClientHello: (data withheld)"
+    )
+    assert addon._safe("leaked s3cret here") == "leaked REDACTED here"
