@@ -69,7 +69,14 @@ def container_script(client: docker.DockerClient, slug: str, subnet: str, image:
     first.start()
     first.reload()
     same_ip, elsewhere = create(f"{slug}-b", ip), create(f"{slug}-c", "10.255.254.2")
+    plain = client.containers.create(image, name=f"{slug}-d", network=network.name, labels={TEST_LABEL: slug})
+
+    def on_network(ref):  # by name every container attached, started or not; by ID the started ones only
+        return sorted(c.name for c in client.containers.list(all=True, filters={"network": ref}))
+
     results = [
+        on_network(network.name),
+        on_network(network.id),
         (first.status, first.labels, first.attrs["NetworkSettings"]["Networks"][network.name]["IPAddress"]),
         tuple(str(part).replace(first.id, "<id>") for part in outcome(lambda: create(f"{slug}-a", ip))),
         outcome(lambda: client.containers.create("bottle-test-bundle:none", name=f"{slug}-x")),
@@ -83,7 +90,7 @@ def container_script(client: docker.DockerClient, slug: str, subnet: str, image:
         first.logs(tail=5),
         outcome(lambda: client.images.get("bottle-test-bundle:none")),
     ]
-    for container in (first, same_ip, elsewhere):
+    for container in (first, same_ip, elsewhere, plain):
         container.remove(force=True)
     results.append(outcome(lambda: client.containers.get(f"{slug}-a")))
     network.remove()
@@ -98,4 +105,5 @@ def test_fake_docker_containers_answer_like_the_real_engine(engine, slug, bundle
     fake = FakeDocker()
     fake.engine.add_image(image)
     assert container_script(fake, slug, subnet, image) == real
-    assert real[3] == ("APIError", 403, "Address already in use")
+    assert real[5] == ("APIError", 403, "Address already in use")
+    assert real[:2] == [[f"{slug}-{x}" for x in "abcd"], [f"{slug}-a"]]  # the script did see the difference
