@@ -39,6 +39,11 @@ def labels(slug: str, backend: str, owner: str) -> dict[str, str]:
     return {LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_BACKEND: backend, LABEL_OWNER: owner}
 
 
+def label_filter(wanted: dict[str, str]) -> list[str]:
+    """Labels as the Engine's `label` filter takes them: every one must be present with its value."""
+    return [f"{key}={value}" for key, value in wanted.items()]
+
+
 def owned_slug(resource_labels: dict[str, str] | None, backend: str, owner: str | None) -> str | None:
     """The slug of a resource if it is this state root's and this backend's, else None.
 

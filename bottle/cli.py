@@ -16,7 +16,9 @@ import docker
 import requests
 
 from bottle import registry
-from bottle.backend import LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, LABEL_SLUG, Backend, BottleStatus, PreflightReport
+from bottle.backend import (
+    LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, LABEL_SLUG, Backend, BottleStatus, PreflightReport, label_filter,
+)  # fmt: skip
 from bottle.bundle import build as bundle_build
 from bottle.errors import BottleError, Busy, EnvironmentProblem, PreflightFailed, UsageError
 from bottle.manifest import Manifest, load_manifest, slugify
@@ -261,7 +263,7 @@ def logs(name: str, denied: bool, follow: bool, as_json: bool) -> None:
     slug = _slug_of(name)
     client = docker_client()
     owner = StateStore().owner()
-    wanted = [f"{LABEL_MANAGED}=true", f"{LABEL_SLUG}={slug}", f"{LABEL_OWNER}={owner}", f"{LABEL_ROLE}=bundle"]
+    wanted = label_filter({LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_OWNER: str(owner), LABEL_ROLE: "bundle"})
     found = client.containers.list(all=True, filters={"label": wanted}) if owner else []
     if not found:
         raise UsageError(f"bottle '{slug}' has no bundle made from this state directory; `bottle ls` lists the bottles")

@@ -9,7 +9,6 @@ from typing import Any
 import docker
 import requests
 
-from bottle.errors import BottleError
 
 
 def reason(exc: BaseException) -> str:
@@ -43,10 +42,9 @@ class Undo:
             signal.signal(signal.SIGINT, previous)
         return failed
 
-    def raise_with_leftovers(self, exc: Exception, slug: str) -> None:
-        """Undo after `exc`; if something could not be removed, raise a BottleError that names it and the fix."""
+    def leftovers(self, slug: str) -> str | None:
+        """Undo everything; None if all of it went, else a sentence naming what is left and the fix."""
         left = self.run()
-        if left:
-            raise BottleError(
-                f"{exc}; could not remove: {', '.join(left)}; `bottle down {slug}` removes them once that works again"
-            ) from exc
+        if not left:
+            return None
+        return f"could not remove: {', '.join(left)}; `bottle down {slug}` removes them once that works again"

@@ -22,7 +22,7 @@ from docker.models.containers import Container
 from pydantic import ValidationError
 
 from bottle.backend import (
-    LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, labels, owned_slug, why_not_owned,
+    LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, label_filter, labels, owned_slug, why_not_owned,
 )  # fmt: skip
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
@@ -263,13 +263,9 @@ def up(
         _step("exec", lambda: smolvm.probe(plan.machine_name))
         on_step("exec", f"{plan.machine_name} runs commands")
     except BaseException as exc:
-        left = undo.run()
+        left = undo.leftovers(manifest.slug)
         if isinstance(exc, StepFailed):
-            tail = (
-                f"; could not remove: {', '.join(left)}; `bottle down {manifest.slug}` removes them once that works"
-                if left else "; what this run created was removed"
-            )  # fmt: skip
-            raise StepFailed(exc.step, exc.reason + tail) from exc
+            raise StepFailed(exc.step, f"{exc.reason}; {left or 'what this run created was removed'}") from exc
         raise
     return plan
 
@@ -297,7 +293,7 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
     failed: list[str] = []
     name = resource_name(slug)
     owner = state.owner()
-    selector = {"label": [f"{key}={value}" for key, value in labels(slug, BACKEND, owner or "none").items()]}
+    selector = {"label": label_filter(labels(slug, BACKEND, owner or "none"))}
 
     def machine() -> None:
         if smolvm.installed and (found := smolvm.machines().get(name)) is not None:

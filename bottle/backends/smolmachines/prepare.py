@@ -13,7 +13,7 @@ import requests
 from docker.models.networks import Network
 from docker.types import IPAMConfig, IPAMPool
 
-from bottle.backend import LABEL_ROLE, labels, owned_slug
+from bottle.backend import LABEL_ROLE, label_filter, labels, owned_slug
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
@@ -183,8 +183,7 @@ def plan(
 
 
 def _remove_networks(client: docker.DockerClient, slug: str, owner: str) -> None:
-    selector = [f"{key}={value}" for key, value in labels(slug, BACKEND, owner).items()]
-    for network in client.networks.list(filters={"label": selector}):
+    for network in client.networks.list(filters={"label": label_filter(labels(slug, BACKEND, owner))}):
         network.remove()
 
 
@@ -261,7 +260,8 @@ def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, 
     try:
         return prepare_parts(manifest, client, state, undo, **options)
     except Exception as exc:
-        undo.raise_with_leftovers(exc, manifest.slug)
+        if left := undo.leftovers(manifest.slug):
+            raise BottleError(f"{exc}; {left}") from exc
         raise
     except BaseException:
         undo.run()
