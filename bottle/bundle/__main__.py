@@ -1,4 +1,5 @@
-"""The bundle's entry point: validate the config, then serve the proxy on its port until stopped.
+"""The bundle's entry point: validate the config, then serve the proxy on its port, and refuse DNS on
+its DNS port, until stopped.
 
 A config, secret or CA that does not load stops the bundle with one line on stderr; it never starts
 with a partial or permissive policy.
@@ -18,6 +19,7 @@ from pathlib import Path
 from bottle.bundle import CA_DIR, CONFIG_FILE, SECRETS_FILE
 from bottle.bundle.addon import AuditSink, BottlePolicy, stdout_sink, stream_sink
 from bottle.bundle.ca import CA_FILE, split_ca
+from bottle.bundle.dns import listen as listen_dns
 from bottle.bundle.policy import BundleConfig, Policy, Resolver, is_header_value, resolve
 
 CONFIG_DIR = Path(os.environ.get("BOTTLE_BUNDLE_DIR", "/etc/bottle"))
@@ -69,7 +71,11 @@ async def serve(
     audit: AuditSink = stdout_sink,
     upstream_ca: Path | None = None,
 ) -> None:
-    """Run the proxy with bottle's policy until cancelled. `upstream_ca` is for tests' private servers."""
+    """Run the proxy with bottle's policy until cancelled. `upstream_ca` is for tests' private servers.
+
+    The DNS refuser binds first, so by the time the proxy answers (which is when bottle calls the bundle
+    ready) every DNS query the VM makes is already refused and logged.
+    """
     from mitmproxy import options
     from mitmproxy.tools.dump import DumpMaster
 
@@ -83,7 +89,11 @@ async def serve(
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
-        await master.run()
+        dns = await listen_dns(listen_host, config.dns_port, audit)
+        try:
+            await master.run()
+        finally:
+            dns.close()
 
 
 def main() -> int:
@@ -95,17 +105,21 @@ def main() -> int:
     except ValueError as exc:
         print(f"bottle-bundle: {exc}; refusing to start", file=sys.stderr)
         return 2
-    try:
-        with socket.socket() as probe:  # say it in one line now rather than as mitmproxy's startup error
-            probe.bind(("0.0.0.0", config.port))
-    except OSError as exc:
-        print(f"bottle-bundle: cannot listen on :{config.port} ({exc.strerror}); refusing to start", file=sys.stderr)
-        return 2
+    # Say it in one line now rather than as a startup traceback.
+    for port, kind, what in ((config.port, socket.SOCK_STREAM, ""), (config.dns_port, socket.SOCK_DGRAM, " (DNS, UDP)"),
+                             (config.dns_port, socket.SOCK_STREAM, " (DNS, TCP)")):  # fmt: skip
+        try:
+            with socket.socket(type=kind) as probe:
+                probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            print(f"bottle-bundle: cannot listen on :{port}{what} ({exc.strerror}); refusing to start", file=sys.stderr)
+            return 2
     # stdout carries the audit log and nothing else: whatever else prints (mitmproxy's log, a
     # traceback) goes to stderr.
     audit = stream_sink(os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1))
     sys.stdout = sys.stderr
-    print(f"bottle-bundle: serving on :{config.port} with {len(config.allow)} allow rules", file=sys.stderr)
+    print(f"bottle-bundle: serving on :{config.port} with {len(config.allow)} allow rules, refusing DNS on "
+          f":{config.dns_port}", file=sys.stderr)  # fmt: skip
     asyncio.run(serve(config, secrets, ca_file, audit=audit))
     return 0
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -108,9 +108,16 @@ class BundleConfig(_Frozen):
 
     format: Literal[1] = 1
     port: Annotated[int, Field(strict=True, gt=0, lt=65536)] = 8888
+    dns_port: Annotated[int, Field(strict=True, gt=0, lt=65536)] = 53  # UDP and TCP, every query refused
     allow: list[Rule] = Field(default_factory=list)
     credentials: list[Credential] = Field(default_factory=list)
     refuse: list[IPNetwork] = Field(default_factory=list)  # the bottle's own subnet and gateway
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> BundleConfig:
+        if self.dns_port == self.port:
+            raise ValueError(f"dns_port and port are both {self.port}; DNS and the proxy need a port each")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> BundleConfig:

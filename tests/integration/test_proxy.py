@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import ssl
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import ip_address, ip_network
@@ -72,6 +73,7 @@ def world(upstream_net, tmp_path_factory):
             + [Rule(host="*.wild.test", ports=ports, cidrs=[subnet])],
             credentials=[Credential(host="upstream.test", header="x-api-key", template="{secret}", secret="c0")],
             refuse=[ip_network("192.168.38.0/24")],
+            dns_port=_free_dns_port(),  # the bundle's own is 53; a test on loopback takes whatever is free
         )
 
         def resolver(host, port):
@@ -86,7 +88,8 @@ def world(upstream_net, tmp_path_factory):
         with running_bundle(config, {"c0": SECRET}, workdir / CA_FILE, resolver, audit.append,
                             upstream_ca=tls_up["ca"]) as proxy_port:  # fmt: skip
             yield {"proxy": proxy_port, "tls": tls_up["port"], "plain": plain_up["port"], "audit": audit,
-                   "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem"}  # fmt: skip
+                   "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem",
+                   "dns": config.dns_port}  # fmt: skip
 
 
 def _closed_port(host: str) -> int:
@@ -94,6 +97,18 @@ def _closed_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _free_dns_port() -> int:
+    """A loopback port free for both UDP and TCP."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            try:
+                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+            except OSError:
+                continue
+            return udp.getsockname()[1]
 
 
 def https_get(world, host, path="/echo", headers=None, host_header=None):
@@ -389,3 +404,35 @@ def test_a_passthrough_tunnel_to_a_closed_port_gets_its_failure_logged(world):
         time.sleep(0.05)
     decisions = [(e["method"], e["decision"]) for e in world["audit"][before:]]
     assert decisions == [("CONNECT", "allow"), ("CONNECT", "error")]
+
+
+# -- DNS: the VM's resolver points at the bundle, which resolves nothing ----------------------------------
+
+
+def dns_query(ident: int, name: str, qtype: int) -> bytes:
+    """A stub resolver's query (RD set) with an EDNS OPT record, which the answer must not echo."""
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\x00"
+    opt = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 1) + qname + struct.pack("!HH", qtype, 1) + opt
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_every_dns_query_is_refused_and_logged_with_its_name(world, transport):
+    name = f"c2VjcmV0.{transport}.exfil.test"  # data a name could carry out, were it ever resolved
+    message = dns_query(0x4242, name, 16)
+    if transport == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(message, ("127.0.0.1", world["dns"]))
+            reply = sock.recv(4096)
+    else:
+        with socket.create_connection(("127.0.0.1", world["dns"]), timeout=5) as sock:
+            sock.sendall(struct.pack("!H", len(message)) + message)
+            reply = b""
+            while len(reply) < 2 or len(reply) < 2 + struct.unpack("!H", reply[:2])[0]:
+                reply += sock.recv(4096) or pytest.fail("the bundle closed the connection without an answer")
+            reply = reply[2:]
+    ident, flags, *counts = struct.unpack("!HHHHHH", reply[:12])
+    assert (ident, flags & 0x8000, flags & 0xF, counts) == (0x4242, 0x8000, 5, [1, 0, 0, 0])  # QR, REFUSED, no records
+    entry = last_entry(world, event="dns", name=name.lower())  # the log keeps names lowercased
+    assert (entry["decision"], entry["qtype"], entry["client"]) == ("refused", 16, "127.0.0.1") and "time" in entry
