@@ -33,6 +33,7 @@ from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet,
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore
+from bottle.backends.smolmachines.smolvm import wheel_engine
 from bottle.testing import fake_smolvm
 from bottle.testing.images import READY_IMAGE, build_test_bundle
 
@@ -140,14 +141,18 @@ def main() -> None:
     build_test_bundle(client, READY_IMAGE)
     run = uuid.uuid4().hex[:6]
     with tempfile.TemporaryDirectory() as tmp:
-        fake_smolvm.install(Path(tmp) / "bin", Path(tmp) / "smolvm")
-        os.environ["PATH"] = f"{Path(tmp) / 'bin'}{os.pathsep}{os.environ['PATH']}"
         state = StateStore(Path(tmp) / "home")
+        real = wheel_engine(state)
+        if real is None:
+            raise SystemExit("the smolmachines wheel is not installed: pip install -e '.[test]'")
+        smolvm_state = Path(tmp) / "smolvm"
+        os.environ["BOTTLE_SMOLVM"] = str(fake_smolvm.install(Path(tmp) / "bin", smolvm_state, real, READY_IMAGE))
         backend = SmolmachinesBackend()
         try:
             lifecycle_ratio(client, backend, state, args.rounds, run)
             ls_scaling(client, backend, state, run)
         finally:
+            fake_smolvm.cleanup(smolvm_state)
             for label in ("bottle.test=bench", LABEL_SLUG):
                 for container in client.containers.list(all=True, filters={"label": label}):
                     if run in container.name:

@@ -50,14 +50,15 @@ def table_resolver(host: str, port: int):
     return [ip_address(TABLE[host])]
 
 
-def run_bundle(config_json: str, ca_file: str, table: dict[str, str], port: int, upstream_ca: str) -> None:
+def run_bundle(config_json: str, ca_file: str, table: dict[str, str], port: int, upstream_ca: str,
+               dns_port: int) -> None:
     """The bundle's proxy in its own process (so the load generator does not share its GIL)."""
     import asyncio
 
     from bottle.bundle.__main__ import serve
 
     TABLE.update(table)
-    config = BundleConfig.model_validate_json(config_json).model_copy(update={"port": port})
+    config = BundleConfig.model_validate_json(config_json).model_copy(update={"port": port, "dns_port": dns_port})
     asyncio.run(serve(config, {}, Path(ca_file), listen_host="127.0.0.1", resolver=table_resolver,
                       audit=lambda entry: None, upstream_ca=Path(upstream_ca)))  # fmt: skip
 
@@ -213,7 +214,7 @@ def main() -> None:
                 process = multiprocessing.Process(
                     target=run_bundle,
                     args=(config.model_dump_json(), str(Path(tmp) / CA_FILE), {"upstream.test": gateway, SLOW_NAME: gateway},
-                          bundle_port, str(upstream["ca"])),
+                          bundle_port, str(upstream["ca"]), free_port()),
                     daemon=True,
                 )  # fmt: skip
                 process.start()

@@ -172,7 +172,6 @@ class Backend(ABC):
         state: StateStore,
         preflight: PreflightReport,
         on_step: Callable[[str, str], None],
-        repack: bool = False,
     ) -> BottlePlan:
         """Prepare the bottle, save its plan (`state.save_plan`) and start every part of it.
 

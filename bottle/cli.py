@@ -138,15 +138,14 @@ def _terminate_as_interrupt() -> Iterator[None]:
 @cli.command()
 @manifest_option
 @click.option("-d", "--detach", is_flag=True, help="Leave the bottle running without attaching to the agent.")
-@click.option("--repack", is_flag=True, help="Pack the agent image again even if a cached artifact exists.")
-def up(manifest_path: Path, detach: bool, repack: bool) -> None:
+def up(manifest_path: Path, detach: bool) -> None:
     """Start the bottle (bundle, then VM) and attach to the agent; attach if it is already up."""
     manifest, backend, client, report = _load(manifest_path)
     _ready(backend, report)
     state = StateStore()
     click.echo(f"bottle '{manifest.name}' ({backend.name}):", err=True)
     with _terminate_as_interrupt(), state.lock(manifest.slug, on_wait=_waiting(manifest.slug)):
-        plan = backend.up(manifest, docker=client, state=state, preflight=report, on_step=_progress, repack=repack)
+        plan = backend.up(manifest, docker=client, state=state, preflight=report, on_step=_progress)
     if detach:
         click.echo(f"bottle '{manifest.name}' is up; `bottle up -f {manifest_path}` attaches to it, "
                    f"`bottle down {manifest.slug}` removes it", err=True)
@@ -157,7 +156,7 @@ def up(manifest_path: Path, detach: bool, repack: bool) -> None:
 @cli.command()
 @click.argument("name")
 def down(name: str) -> None:
-    """Remove the bottle NAME: its VM, bundle, network and state (the packed image cache stays)."""
+    """Remove the bottle NAME: its VM, bundle, network and state (the image cache stays)."""
     slug = _slug_of(name)
     client = docker_client()
     state = StateStore()
@@ -247,6 +246,9 @@ def gc(dry_run: bool) -> None:
 
 
 def _format_audit(entry: dict[str, Any]) -> str:
+    if entry.get("event") == "dns":
+        what = entry.get("name") or entry.get("reason")
+        return f"{entry.get('time')}  {str(entry.get('decision')).upper():<5}  DNS {what} (type {entry.get('qtype')})"
     where = f"{entry.get('host')}:{entry.get('port')}{entry.get('path') or ''}"
     decision = str(entry.get("decision", "?")).upper()
     tail = entry.get("reason") or f"{entry.get('status')}  out {entry.get('bytes_out')} B  in {entry.get('bytes_in')} B"
@@ -279,7 +281,7 @@ def logs(name: str, denied: bool, follow: bool, as_json: bool) -> None:
                 entry = json.loads(line)
             except ValueError:
                 continue  # not an audit entry
-            if denied and entry.get("decision") != "deny":
+            if denied and entry.get("decision") not in ("deny", "refused", "dropped"):
                 continue
             click.echo(line.decode() if as_json else _format_audit(entry))
 

@@ -2,12 +2,15 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
 
 from bottle.backend import LABEL_SLUG
+from bottle.backends.smolmachines.smolvm import Smolvm, wheel_engine
+from bottle.state import StateStore
 from bottle.testing import fake_smolvm
 from bottle.testing.images import MUTE_IMAGE, READY_IMAGE, build_test_bundle
 
@@ -50,13 +53,23 @@ def slug(engine):
     _sweep(engine, f"{TEST_LABEL}={value}")
 
 
+@pytest.fixture(scope="session")
+def real_smolvm(tmp_path_factory) -> Smolvm:
+    """The real smolvm of the smolmachines wheel (a test dependency); each user gives it a state dir."""
+    found = wheel_engine(StateStore(tmp_path_factory.mktemp("engine-home")))
+    if found is None:
+        pytest.fail("the smolmachines wheel is not installed: pip install -e '.[test]'")
+    return found
+
+
 @pytest.fixture
-def smolvm_state(tmp_path, monkeypatch) -> Path:
-    """A fake smolvm 0.8.0 first on PATH; returns its state directory."""
+def smolvm_state(tmp_path, monkeypatch, engine, bundle_images, real_smolvm) -> Iterator[Path]:
+    """The fake smolvm (the real binary, with the boot simulated by a confined stand-in container) as
+    the smolvm bottle drives; returns the fake's state directory."""
     state = tmp_path / "smolvm-state"
-    fake_smolvm.install(tmp_path / "bin", state)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    return state
+    monkeypatch.setenv("BOTTLE_SMOLVM", str(fake_smolvm.install(tmp_path / "bin", state, real_smolvm, READY_IMAGE)))
+    yield state
+    fake_smolvm.cleanup(state)
 
 
 def bottle(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -83,7 +96,7 @@ def write_manifest(tmp_path, slug, bundle_images):
     def write(name: str = slug, bundle_image: str = READY_IMAGE) -> Path:
         path = tmp_path / f"{name}.toml"
         path.write_text(
-            f'name = "{name}"\n[agent]\nimage = "node:22"\ncommand = ["claude"]\nenv = {{ TERM = "xterm" }}\n'
+            f'name = "{name}"\n[agent]\nimage = "{READY_IMAGE}"\ncommand = ["sh"]\nenv = {{ TERM = "xterm" }}\n'
             f'[egress]\nallow = ["api.anthropic.com"]\n[bundle]\nimage = "{bundle_image}"\n'
         )
         return path
@@ -99,6 +112,6 @@ def leftovers(engine, slug: str, smolvm_state: Path, home: Path) -> dict:
         "containers": [c.name for c in engine.containers.list(all=True, filters=label)],
         "machines": [m for m in fake_smolvm.machines(smolvm_state) if m == f"bottle-{slug}"],
         "state": (home / "bottles" / slug).exists(),
-        "partial artifacts": [p.name for p in (home / "cache" / "artifacts").glob(".packing-*")],
+        "partial archives": [p.name for p in (home / "cache" / "images").glob(".saving-*")],
     }
     return {k: v for k, v in found.items() if v}

@@ -262,7 +262,7 @@ def test_every_path_is_private_whatever_the_umask(engine, slug, smolvm_state, ho
     try:
         found = {p: stat.S_IMODE(p.lstat().st_mode) for p in [home, *home.rglob("*")]}
         assert {p: m for p, m in found.items() if m != (0o700 if p.is_dir() else 0o600)} == {}
-        assert any(p.suffix == ".smolmachine" for p in found) and any(p.suffix == ".lock" for p in found)
+        assert any(p.suffix == ".tar" for p in found) and any(p.suffix == ".lock" for p in found)
     finally:
         bottle("down", slug)
 
@@ -275,27 +275,29 @@ def test_docker_client_errors_are_not_internal_errors(tmp_path):
 
 def test_a_failed_machine_delete_keeps_the_state_so_down_can_finish(engine, slug, smolvm_state, home, write_manifest):
     assert bottle("up", "-f", str(write_manifest()), "--detach").returncode == 0
-    first = bottle("down", slug, env={"SMOLVM_FAKE_FAIL": "machine-delete"})
+    fake_smolvm.control(smolvm_state, fail="machine-delete")
+    first = bottle("down", slug)
     assert first.returncode == 1 and f"state: kept {home}/bottles/{slug}" in first.stderr
     assert f"bottle-{slug}" in fake_smolvm.machines(smolvm_state)
+    fake_smolvm.control(smolvm_state, fail=None)
     second = bottle("down", slug)
     assert second.returncode == 0 and f"removed machine bottle-{slug}" in second.stdout
     assert leftovers(engine, slug, smolvm_state, home) == {}
 
 
-def test_a_planted_link_in_the_artifact_cache_is_neither_reused_nor_written_through(
+def test_a_planted_link_in_the_image_cache_is_neither_reused_nor_written_through(
     engine, slug, smolvm_state, home, write_manifest, tmp_path
 ):
     manifest = write_manifest()
     assert bottle("up", "-f", str(manifest), "--detach").returncode == 0
-    plan = json.loads((home / "bottles" / slug / "plan.json").read_text())
     assert bottle("down", slug).returncode == 0
-    artifact, victim = Path(plan["artifact_path"]), tmp_path / "victim"
+    [artifact] = (home / "cache" / "images").glob("*.tar")
+    victim = tmp_path / "victim"
     victim.write_text("not an artifact of ours")
     artifact.unlink()
     artifact.symlink_to(victim)
     result = bottle("up", "-f", str(manifest), "--detach")
     assert result.returncode == 0, result.stderr
-    assert "reusing" not in result.stderr and "packing" in result.stderr
+    assert "reusing" not in result.stderr and "saving" in result.stderr
     assert victim.read_text() == "not an artifact of ours" and not artifact.is_symlink()
     assert bottle("down", slug).returncode == 0

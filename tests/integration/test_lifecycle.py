@@ -1,5 +1,6 @@
 """`bottle up`, `down`, `ls` and `gc` against the real Docker Engine and the fake smolvm."""
 
+import hashlib
 import json
 import os
 import signal
@@ -47,29 +48,39 @@ def test_up_detach_then_down_leaves_nothing(engine, slug, smolvm_state, home, wr
 
     machine = fake_smolvm.machines(smolvm_state)[f"bottle-{slug}"]
     assert machine["state"] == "running"
-    assert machine["allow_cidrs"] == [f"{plan['bundle_ip']}/32"]
-    assert machine["env"] == [f"{k}={v}" for k, v in plan["agent_env"].items()]
+    assert machine["allowed_cidrs"] == [f"{plan['bundle_ip']}/32"]  # as the real smolvm recorded them
+    assert machine["dns"] == plan["bundle_ip"]
+    assert machine["labels"][LABEL_SLUG] == slug and machine["cmd"] == ["sleep", "2147483647"]
 
     result = bottle("down", slug)
     assert result.returncode == 0, result.stderr
     assert f"removed machine bottle-{slug}" in result.stdout
     assert f"removed network bottle-{slug}" in result.stdout
     assert leftovers(engine, slug, smolvm_state, home) == {}
-    assert Path(plan["artifact_path"]).exists()  # the pack cache outlives the bottle
+    assert list((home / "cache" / "images").glob("*.tar"))  # the image cache outlives the bottle
 
     again = bottle("down", slug)
     assert again.returncode == 0 and f"bottle '{slug}': nothing to remove" in again.stdout
 
 
-def test_machine_flags_carry_exactly_the_smolfile(engine, slug, smolvm_state, home, write_manifest):
+def creates(smolvm_state):
+    return [c for c in fake_smolvm.calls(smolvm_state) if c[2:4] == ["machine", "create"]]
+
+
+def test_the_machine_is_made_from_the_smolfile_and_a_saved_image(engine, slug, smolvm_state, home, write_manifest):
     assert bottle("up", "-f", str(write_manifest()), "--detach").returncode == 0
-    smolfile = tomllib.loads((home / "bottles" / slug / "Smolfile").read_text())
+    bottle_dir = home / "bottles" / slug
+    [create] = creates(smolvm_state)
+    assert create[:2] == ["--error-format", "json"]
+    assert create[create.index("--smolfile") + 1] == str(bottle_dir / "Smolfile") and "--from" not in create
+    image_id = engine.images.get(READY_IMAGE).id.removeprefix("sha256:")
+    assert create[create.index("--image") + 1] == str(home / "cache" / "images" / f"{image_id}.tar")
+    archive = home / "cache" / "images" / f"{image_id}.tar"
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     machine = fake_smolvm.machines(smolvm_state)[f"bottle-{slug}"]
-    assert (machine["env"], machine["allow_cidrs"]) == (smolfile["env"], smolfile["network"]["allow_cidrs"])
-    create = [c for c in fake_smolvm.calls(smolvm_state) if c[:2] == ["machine", "create"]]
-    assert len(create) == 1 and "--smolfile" not in create[0] and "--from" in create[0]
-    guest = home / "bottles" / slug / "guest"
-    assert machine["volumes"] == [f"{guest}:/etc/bottle:ro"]
+    assert machine["image"] == f"local:{hashlib.sha256(archive.read_bytes()).hexdigest()}"
+    assert machine["mounts"] == 1  # the guest directory, read-only (the Smolfile's one volume)
+    guest = bottle_dir / "guest"
     assert sorted(p.name for p in guest.iterdir()) == ["ca.pem"]  # the certificate, never the key
     assert "PRIVATE KEY" not in (guest / "ca.pem").read_text()
     bottle("down", slug)
@@ -91,7 +102,7 @@ def test_secrets_reach_the_bundle_and_nothing_else(engine, slug, smolvm_state, h
     assert json.loads(secrets_file.read_text()) == {"credential-0": secret}
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     elsewhere = [bottle_dir / "plan.json", bottle_dir / "Smolfile", bottle_dir / "bundle" / "config.json",
-                 smolvm_state / "machines.json", smolvm_state / "calls.jsonl"]  # fmt: skip
+                 smolvm_state / "calls.jsonl", smolvm_state / "env.json"]  # fmt: skip
     for path in elsewhere:
         assert secret not in path.read_text(), path
     container = engine.containers.get(f"bottle-{slug}-bundle")
@@ -123,8 +134,8 @@ def test_a_second_up_adopts_and_attaches(engine, slug, smolvm_state, home, write
     result = bottle("up", "-f", str(manifest))
     assert result.returncode == 0, result.stderr
     new_calls = fake_smolvm.calls(smolvm_state)[calls_before:]
-    assert not [c for c in new_calls if c[:2] in (["machine", "create"], ["pack", "create"])]
-    assert new_calls[-1] == ["machine", "exec", "--name", f"bottle-{slug}", "-i", "--", "claude"]
+    assert not [c for c in new_calls if c[2:4] == ["machine", "create"]]
+    assert new_calls[-1] == ["--error-format", "json", "machine", "exec", "--name", f"bottle-{slug}", "-i", "--", "sh"]
     assert engine.containers.get(f"bottle-{slug}-bundle").id == container_id
     assert "reusing" in result.stderr
     bottle("down", slug)
@@ -133,15 +144,17 @@ def test_a_second_up_adopts_and_attaches(engine, slug, smolvm_state, home, write
 STEP_FAULTS = [
     ("bundle start", {}, "bottle-test-bundle:missing"),
     ("bundle ready", {"BOTTLE_READY_TIMEOUT": "2"}, MUTE_IMAGE),
-    ("pack", {"SMOLVM_FAKE_FAIL": "pack"}, READY_IMAGE),
-    ("machine create", {"SMOLVM_FAKE_FAIL": "machine-create"}, READY_IMAGE),
-    ("machine start", {"SMOLVM_FAKE_FAIL": "machine-start"}, READY_IMAGE),
-    ("exec", {"SMOLVM_FAKE_FAIL": "machine-exec"}, READY_IMAGE),
+    ("machine create", {"fail": "machine-create"}, READY_IMAGE),
+    ("machine start", {"fail": "machine-start"}, READY_IMAGE),
+    ("probe", {"fail": "machine-exec"}, READY_IMAGE),
+    ("probe", {"net": "open"}, READY_IMAGE),  # a VM whose allowlist is not enforced
 ]
 
 
-@pytest.mark.parametrize(("step", "env", "image"), STEP_FAULTS, ids=[s for s, _, _ in STEP_FAULTS])
+@pytest.mark.parametrize(("step", "env", "image"), STEP_FAULTS, ids=[f"{s}-{e}" for s, e, _ in STEP_FAULTS])
 def test_a_failing_step_is_named_and_leaves_nothing(engine, slug, smolvm_state, home, write_manifest, step, env, image):
+    fake_smolvm.control(smolvm_state, **{k: v for k, v in env.items() if k in ("fail", "net")})
+    env = {k: v for k, v in env.items() if k not in ("fail", "net")}
     result = bottle("up", "-f", str(write_manifest(bundle_image=image)), "--detach", env=env)
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
@@ -164,15 +177,14 @@ def test_bundle_never_ready_shows_its_last_log_lines(engine, slug, smolvm_state,
     assert "did not accept connections on" in result.stderr and "its last log lines" in result.stderr
 
 
-HANGING_STEPS = [("pack", "pack"), ("machine create", "machine-create"), ("machine start", "machine-start"),
-                 ("exec", "machine-exec")]  # fmt: skip
+HANGING_STEPS = [("machine create", "machine-create"), ("machine start", "machine-start"), ("probe", "machine-exec")]
 
 
 @pytest.mark.parametrize(("step", "fake_step"), HANGING_STEPS, ids=[s for s, _ in HANGING_STEPS])
 def test_sigint_during_a_smolvm_step_leaves_nothing(engine, slug, smolvm_state, home, write_manifest, step, fake_step):
+    fake_smolvm.control(smolvm_state, hang=fake_step)
     process = subprocess.Popen(
         [sys.executable, "-m", "bottle", "up", "-f", str(write_manifest()), "--detach"],
-        env={**os.environ, "SMOLVM_FAKE_HANG": fake_step},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -247,8 +259,7 @@ def test_five_ups_of_one_bottle_at_once_leave_one_bottle(engine, slug, smolvm_st
     label = {"label": f"{LABEL_SLUG}={slug}"}
     assert len(engine.networks.list(filters=label)) == 1
     assert len(engine.containers.list(all=True, filters=label)) == 1
-    creates = [c for c in fake_smolvm.calls(smolvm_state) if c[:2] == ["machine", "create"]]
-    assert len(creates) == 1
+    assert len(creates(smolvm_state)) == 1
     bottle("down", slug)
 
 
@@ -258,7 +269,8 @@ def test_ls_shows_state_and_flags_drift(engine, slug, smolvm_state, home, write_
     assert listed[slug]["state"] == "running"
     assert listed[slug]["parts"] == {"network": "present", "bundle": "running", "machine": "running"}
 
-    subprocess.run(["smolvm", "machine", "delete", f"bottle-{slug}", "-f"], check=True, capture_output=True)
+    subprocess.run([os.environ["BOTTLE_SMOLVM"], "machine", "delete", "--name", f"bottle-{slug}", "-f"], check=True,
+                   capture_output=True)  # fmt: skip
     listed = {b["slug"]: b for b in json.loads(bottle("ls", "--json").stdout)}
     assert listed[slug]["state"] == "partial"
     assert listed[slug]["drift"] == ["machine not up while bundle, network is (`bottle up` repairs it)"]
@@ -277,5 +289,5 @@ def test_gc_removes_what_belongs_to_no_bottle(engine, slug, smolvm_state, home, 
 
     result = bottle("gc")
     assert result.returncode == 0, result.stderr
-    assert f"removed machine bottle-{slug}" in result.stdout  # known as ours from the record kept beside the bottles
+    assert f"removed machine bottle-{slug}" in result.stdout  # known as ours by its owner label
     assert leftovers(engine, slug, smolvm_state, home) == {}

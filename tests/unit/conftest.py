@@ -3,6 +3,9 @@ import socket
 
 import pytest
 
+from bottle.backends.smolmachines.smolvm import Smolvm, find
+from bottle.state import StateStore
+
 
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch):
@@ -29,3 +32,18 @@ def _loopback_only(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+@pytest.fixture
+def real_smolvm(tmp_path, monkeypatch) -> Smolvm:
+    """The real smolvm of the smolmachines wheel (a test dependency), with its own state directory.
+
+    It answers everything that does not boot a VM; bottle finds it as a user's machine would.
+    """
+    monkeypatch.delenv("BOTTLE_SMOLVM")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("BOTTLE_SMOLVM_STATE_DIR", str(tmp_path / "smolvm-state"))
+    found = find(StateStore())
+    if found is None:
+        pytest.fail("the smolmachines wheel is not installed: pip install -e '.[test]'")
+    return found

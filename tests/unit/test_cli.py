@@ -23,13 +23,8 @@ def fake(mocker):
 
 
 @pytest.fixture
-def ready_machine(tmp_path, monkeypatch, mocker):
-    """A machine where preflight passes: a smolvm 0.8.0 on PATH and a usable KVM."""
-    script = tmp_path / "bin" / "smolvm"
-    script.parent.mkdir()
-    script.write_text("#!/bin/sh\necho 'smolvm 0.8.0'\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+def ready_machine(real_smolvm, mocker):
+    """A machine where preflight passes: the real smolvm of the smolmachines wheel and a usable KVM."""
     mocker.patch.object(checks, "check_platform", return_value=Check(name="kvm", ok=True, detail="fine"))
     mocker.patch("bottle.backends.smolmachines.host_routes", return_value=[])
 
@@ -57,24 +52,24 @@ def test_plan_text_shows_every_field(capsys, fake):
     assert "  HTTPS_PROXY=http://" in out
 
 
-def test_prepare_saves_a_private_plan_and_prints_it(capsys, fake, ready_machine, tmp_path):
+def test_prepare_saves_a_private_plan_and_prints_it(capsys, fake, ready_machine, real_smolvm, tmp_path):
     code, out, err = run(capsys, "prepare", "-f", EXAMPLE, "--json")
     assert code == 0, err
     saved = tmp_path / "bottle-home" / "bottles" / "claude-code" / "plan.json"
     assert json.loads(saved.read_text()) == json.loads(out)
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
-    assert json.loads(out)["smolvm_version"] == "0.8.0"
+    assert json.loads(out)["smolvm_version"] == real_smolvm.version().split()[1]
     assert json.loads(out)["network_id"] in fake.engine.networks
     assert f"plan saved to {saved}" in err
 
 
 def test_prepare_on_an_unready_machine_names_every_problem_and_creates_nothing(capsys, fake, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setenv("SMOLVM_EGRESS_FLOOR", "strict")
+    monkeypatch.setattr("sys.platform", "sunos5")
     networks = set(fake.engine.networks)
     code, out, err = run(capsys, "prepare", "-f", EXAMPLE)
     assert code == 1 and out == ""
-    assert "- smolvm: 'smolvm' is not on PATH" in err and "- egress floor:" in err
+    assert "no-smolvm-here: could not run" in err and "- platform: sunos5 is not supported" in err
     assert set(fake.engine.networks) == networks
     assert not (tmp_path / "bottle-home").exists()
 
@@ -132,7 +127,8 @@ def test_doctor_reports_and_exits_1_when_something_is_missing(capsys, fake, monk
     monkeypatch.setenv("PATH", str(tmp_path))
     code, out, _ = run(capsys, "doctor")
     assert code == 1
-    assert "smolmachines:\n  FAIL smolvm: 'smolvm' is not on PATH\n       fix: install smolvm" in out
+    assert "smolmachines:\n  FAIL smolvm: " in out and "no-smolvm-here: could not run" in out
+    assert "       fix: pip install 'bottle[smolvm]'" in out
     assert "  ok   docker: Docker Engine 20.10.24 answers" in out
 
 
@@ -154,7 +150,7 @@ def test_up_on_an_unready_machine_names_every_problem_and_creates_nothing(capsys
     monkeypatch.setenv("PATH", str(tmp_path))
     networks = set(fake.engine.networks)
     code, _, err = run(capsys, "up", "-f", EXAMPLE, "--detach")
-    assert code == 1 and "- smolvm: 'smolvm' is not on PATH" in err
+    assert code == 1 and "no-smolvm-here: could not run" in err
     assert set(fake.engine.networks) == networks
     assert not (tmp_path / "bottle-home").exists()
 

@@ -14,7 +14,7 @@ from bottle.backend import LABEL_BACKEND, LABEL_MANAGED, LABEL_OWNER, LABEL_SLUG
 from bottle.backends.smolmachines.smolvm import Smolvm, smolvm_environment
 from bottle.cli import main
 from bottle.state import StateStore
-from bottle.testing import FakeDocker, fake_smolvm
+from bottle.testing import FakeDocker
 
 HOSTILE_SLUGS = ["../../canary", "..", "../canary", "/tmp", "a/../../canary", "", "UPPER", "x" * 41, "a\nb"]
 
@@ -28,12 +28,9 @@ def fake(mocker):
 
 
 @pytest.fixture
-def smolvm_state(tmp_path, monkeypatch):
-    """A fake smolvm alone on PATH, whatever else this machine has installed."""
-    state = tmp_path / "smolvm"
-    fake_smolvm.install(tmp_path / "bin", state)
-    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    return state
+def smolvm_state(real_smolvm):
+    """The real smolvm, on a state directory of this test's own."""
+    return real_smolvm
 
 
 @pytest.fixture
@@ -106,14 +103,16 @@ def test_a_resource_without_a_slug_label_is_drift_not_a_crash(capsys, fake, home
     assert cli(capsys, "gc", "--dry-run")[:2] == (0, "nothing to collect\n")
 
 
-def test_gc_leaves_a_smolvm_machine_it_has_no_record_of(capsys, fake, home, smolvm_state, tmp_path):
-    smolvm = Smolvm(str(tmp_path / "bin" / "smolvm"))
-    smolvm.pack("debian:bookworm", tmp_path / "someone.smolmachine")
-    smolvm.create("bottle-someone", tmp_path / "someone.smolmachine", [])  # named like a bottle's, not ours
+@pytest.mark.parametrize("made_labels", [{}, {LABEL_MANAGED: "true", LABEL_BACKEND: "smolmachines", LABEL_SLUG: "someone",
+                                             LABEL_OWNER: "0" * 32}])  # fmt: skip
+def test_gc_leaves_a_smolvm_machine_it_did_not_label_as_its_own(capsys, fake, home, smolvm_state, tmp_path, made_labels):
+    smolfile = tmp_path / "Smolfile"
+    smolfile.write_text("")
+    smolvm_state.create("bottle-someone", "debian:bookworm", smolfile, labels=made_labels, flags=[], command=["true"])
     code, out, err = cli(capsys, "gc")
     assert code == 0 and "removed" not in out
-    assert "smolvm machine bottle-someone is named like a bottle's but this state directory has no record of making it" in err
-    assert "bottle-someone" in fake_smolvm.machines(smolvm_state)
+    assert "smolvm machine bottle-someone carries bottle's name or labels but" in err
+    assert "bottle-someone" in smolvm_state.machines()
 
 
 label_keys = st.sampled_from([LABEL_MANAGED, LABEL_SLUG, LABEL_BACKEND, LABEL_OWNER, "bottle.role", "other"])
@@ -126,7 +125,7 @@ def test_any_labels_on_any_resource_never_crash_ls_or_gc_nor_name_a_path(capsys,
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "home"
         monkeypatch.setenv("BOTTLE_HOME", str(root))
-        monkeypatch.setenv("PATH", scratch)  # no smolvm
+        monkeypatch.setenv("BOTTLE_SMOLVM", str(Path(scratch) / "none"))  # no smolvm
         owner = StateStore(root).owner(create=True)
         client = FakeDocker()
         client.engine.add_image("neighbour:1")
@@ -158,11 +157,16 @@ def test_smolvm_gets_no_secret_from_the_host_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-canary")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary")
     monkeypatch.setenv("SMOLVM_LIB_DIR", "/opt/smol")
+    monkeypatch.setenv("SMOLVM_ALLOW_HOST_LOOPBACK", "1")  # would open the host's loopback to the VM
+    monkeypatch.setenv("SMOLVM_PUBLISH_ADDR", "0.0.0.0")  # switches on a floor that cuts off the bundle
+    monkeypatch.setenv("SMOLVM_SECCOMP", "off")
     Smolvm(str(script)).machines()
     seen = json.loads(dump.read_text())
     assert "canary" not in json.dumps(seen)
     assert seen["SMOLVM_LIB_DIR"] == "/opt/smol" and seen["PATH"] == os.environ["PATH"]
-    assert set(smolvm_environment({"GITHUB_TOKEN": "x", "HOME": "/h"})) == {"HOME"}
+    assert "SMOLVM_ALLOW_HOST_LOOPBACK" not in seen and "SMOLVM_PUBLISH_ADDR" not in seen
+    assert (seen["SMOLVM_SECCOMP"], seen["SMOLVM_LANDLOCK"]) == ("enforce", "enforce")
+    assert set(smolvm_environment({"GITHUB_TOKEN": "x", "HOME": "/h"})) == {"HOME", "SMOLVM_SECCOMP", "SMOLVM_LANDLOCK"}
 
 
 def test_preflight_runs_smolvm_without_the_hosts_secrets(tmp_path, monkeypatch):
@@ -170,11 +174,11 @@ def test_preflight_runs_smolvm_without_the_hosts_secrets(tmp_path, monkeypatch):
 
     dump = tmp_path / "env"
     script = tmp_path / "smolvm"
-    script.write_text(f"#!/bin/sh\nenv > '{dump}'\necho 'smolvm 0.8.0'\n")
+    script.write_text(f"#!/bin/sh\nenv > '{dump}'\necho 'smolvm 1.32.2'\n")
     script.chmod(0o755)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-canary")
-    check, version = check_smolvm(str(script))
-    assert check.ok and version == "0.8.0"
+    check, version = check_smolvm(Smolvm(str(script)))
+    assert check.ok and version == "1.32.2"
     assert "sk-ant-canary" not in dump.read_text()
 
 

@@ -5,60 +5,70 @@ import pytest
 from bottle.backends.smolmachines import SmolmachinesBackend
 from bottle.backends.smolmachines import preflight as checks
 from bottle.errors import PreflightFailed
+from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.testing import FakeDocker
 
 
 @pytest.fixture
-def smolvm_prints(tmp_path, monkeypatch):
-    """Put an executable `smolvm` on PATH that prints `output` and exits with `code` for --version."""
+def smolvm_prints(tmp_path):
+    """An executable that prints `output` and exits with `code` for --version, as a Smolvm."""
 
-    def install(output: str, code: int = 0):
-        script = tmp_path / "bin" / "smolvm"
-        script.parent.mkdir(exist_ok=True)
+    def install(output: str, code: int = 0) -> Smolvm:
+        script = tmp_path / "smolvm"
         script.write_text(f"#!/bin/sh\nprintf '%s\\n' '{output}'\nexit {code}\n")
         script.chmod(0o755)
-        monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}/usr/bin:/bin")
+        return Smolvm(str(script))
 
     return install
 
 
-@pytest.mark.parametrize("output", ["smolvm 0.8.0", "smolvm 0.8.3", "smolvm 1.9.2", "smolvm 0.10.0-rc.1"])
-def test_smolvm_at_or_above_0_8_passes_and_its_version_is_recorded(smolvm_prints, output):
-    smolvm_prints(output)
-    check, version = checks.check_smolvm()
+@pytest.mark.parametrize("output", ["smolvm 1.31.0", "smolvm 1.31.5", "smolvm 1.32.2", "smolvm 1.32.9-rc.1"])
+def test_a_supported_smolvm_passes_and_its_version_is_recorded(smolvm_prints, output):
+    check, version = checks.check_smolvm(smolvm_prints(output))
     assert check.ok, check.detail
     assert version == output.split()[1].split("-")[0]
+    assert "supported: 1.31.0 up to 1.32.x" in check.detail
 
 
-@pytest.mark.parametrize("output", ["smolvm 0.7.9", "smolvm 0.1.0"])
-def test_older_smolvm_fails_with_how_to_fix(smolvm_prints, output):
-    smolvm_prints(output)
-    check, version = checks.check_smolvm()
+@pytest.mark.parametrize("output", ["smolvm 0.8.0", "smolvm 1.29.1", "smolvm 1.30.9", "smolvm 1.33.0", "smolvm 2.0.0"])
+def test_a_smolvm_outside_the_range_fails_naming_it_and_the_fix(smolvm_prints, output):
+    check, version = checks.check_smolvm(smolvm_prints(output))
     assert not check.ok
-    assert "0.8.0 or newer" in check.fix
+    assert f"is smolvm {output.split()[1]}; bottle supports 1.31.0 up to 1.32.x" in check.detail
+    assert "pip install 'bottle[smolvm]'" in check.fix
     assert version == output.split()[1]
 
 
-@pytest.mark.parametrize(("output", "code"), [("krunvm 0.8.0", 0), ("smolvm 0.8.0", 3), ("", 0)])
-def test_unparsable_or_failing_version_output_fails(smolvm_prints, output, code):
-    smolvm_prints(output, code)
-    check, version = checks.check_smolvm()
+@pytest.mark.parametrize(("output", "code"), [("krunvm 1.32.0", 0), ("", 0)])
+def test_unparsable_version_output_fails(smolvm_prints, output, code):
+    check, version = checks.check_smolvm(smolvm_prints(output, code))
     assert not check.ok and version is None
     assert "not 'smolvm X.Y.Z'" in check.detail
 
 
-def test_missing_smolvm_fails(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    check, version = checks.check_smolvm()
+def test_a_failing_version_call_fails(smolvm_prints):
+    check, version = checks.check_smolvm(smolvm_prints("smolvm 1.32.2", 3))
     assert (check.ok, version) == (False, None)
-    assert check.detail == "'smolvm' is not on PATH"
 
 
-def test_strict_egress_floor_is_explained(monkeypatch):
-    assert checks.check_egress_floor().ok
+def test_missing_smolvm_fails_with_how_to_install():
+    check, version = checks.check_smolvm(None)
+    assert (check.ok, version) == (False, None)
+    assert "smolmachines wheel is not installed" in check.detail and "bottle[smolvm]" in check.fix
+
+
+def test_the_real_smolvm_of_the_wheel_is_found_and_supported(real_smolvm):
+    check, version = checks.check_smolvm(real_smolvm)
+    assert check.ok, check.detail
+    assert real_smolvm.executable.endswith("/smolvm") and "SMOLVM_LIB_DIR" in real_smolvm.env
+
+
+def test_settings_bottle_does_not_pass_on_are_named(monkeypatch):
     monkeypatch.setenv("SMOLVM_EGRESS_FLOOR", "strict")
-    check = checks.check_egress_floor()
-    assert not check.ok and "bundle" in check.detail and "unset SMOLVM_EGRESS_FLOOR" in check.fix
+    monkeypatch.setenv("SMOLVM_PUBLISH_ADDR", "0.0.0.0")
+    monkeypatch.setenv("SMOLVM_LIB_DIR", "/opt/smol")
+    check = checks.check_settings()
+    assert check.ok and "not passed on: SMOLVM_EGRESS_FLOOR, SMOLVM_PUBLISH_ADDR" in check.detail
 
 
 def test_docker_check(mocker):
@@ -87,12 +97,10 @@ def test_macos_is_told_plainly_why_it_cannot_work(mocker):
 
 
 def test_every_missing_piece_is_reported_at_once(monkeypatch, tmp_path, mocker):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setenv("SMOLVM_EGRESS_FLOOR", "strict")
     mocker.patch.object(checks.sys, "platform", "linux")
     mocker.patch.object(checks.os.path, "exists", return_value=False)
     report = SmolmachinesBackend(routes=[]).preflight(docker=None)
     assert not report.ok
-    assert [p.split(":")[0] for p in report.problems] == ["smolvm", "egress floor", "docker", "kvm"]
+    assert [p.split(":")[0] for p in report.problems] == ["smolvm", "docker", "kvm"]
     message = str(PreflightFailed("smolmachines", report.problems))
-    assert message.count("\n  - ") == 4
+    assert message.count("\n  - ") == 3

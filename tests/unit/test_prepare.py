@@ -76,18 +76,7 @@ def test_plan_fields(backend, manifest, fake, state):
     assert plan.bundle_container_name == "bottle-claude-code-bundle"
     assert plan.bundle_image == "bottle-bundle:latest"
     assert plan.smolfile_path == state.bottle_dir("claude-code") / "Smolfile"
-    assert plan.artifact_path.parent == state.cache_dir() / "artifacts"
-    assert plan.artifact_path.suffix == ".smolmachine"
     assert plan.smolvm_version == "0.8.0"
-
-
-def test_artifact_is_cached_per_image(backend, fake, state):
-    def artifact(name, image):
-        manifest = parse_manifest({"name": name, "agent": {"image": image}})
-        return backend.plan(manifest, docker=fake, state=state, preflight=REPORT).artifact_path
-
-    assert artifact("one", "node:22") == artifact("two", "node:22")
-    assert artifact("one", "node:22") != artifact("one", "node:20")
 
 
 def test_agent_env_points_every_proxy_variable_at_the_bundle_by_ip(backend, manifest, fake, state):
@@ -106,7 +95,12 @@ def test_smolfile_holds_the_plan_env_and_only_the_bundle_cidr(backend, manifest,
     data = tomllib.loads(plan.smolfile_path.read_text())
     assert data == {
         "env": [f"{k}={v}" for k, v in plan.agent_env.items()],
-        "network": {"allow_cidrs": ["192.168.38.2/32"]},
+        "volumes": [f"{plan.guest_dir}:/etc/bottle:ro"],
+        "net_backend": "virtio-net",
+        "network": {
+            "allow_cidrs": ["192.168.38.2/32"],
+            "deny_cidrs": ["127.0.0.0/8", "169.254.0.0/16", "192.168.38.1/32", "::/0"],
+        },
     }
     assert stat.S_IMODE(plan.smolfile_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(plan.smolfile_path.parent.stat().st_mode) == 0o700

@@ -14,13 +14,14 @@ from bottle.backends.smolmachines import prepare as steps
 from bottle.backends.smolmachines.addressing import host_routes, pool_from_env
 from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
 from bottle.backends.smolmachines.smolvm import Smolvm
-from bottle.errors import UsageError
+from bottle.backends.smolmachines.smolvm import find as find_smolvm
+from bottle.errors import EnvironmentProblem, UsageError
+from bottle.state import StateStore
 
 if TYPE_CHECKING:
     import docker
 
     from bottle.manifest import Manifest
-    from bottle.state import StateStore
 
 __all__ = ["SmolmachinesBackend", "SmolmachinesBottlePlan"]
 
@@ -39,24 +40,33 @@ def _seconds_from_env(name: str, default: float) -> float:
 class SmolmachinesBackend(Backend):
     """Runs bottles with smolvm.
 
-    Machine settings come from the environment: $BOTTLE_SUBNET_POOL (default 192.168.0.0/16) and
-    $BOTTLE_READY_TIMEOUT, the seconds `up` waits for the bundle's proxy to answer (default 30).
+    Machine settings come from the environment: $BOTTLE_SUBNET_POOL (default 192.168.0.0/16),
+    $BOTTLE_READY_TIMEOUT, the seconds `up` waits for the bundle's proxy to answer (default 30),
+    $BOTTLE_PROBE_TIMEOUT, the seconds the confinement probe may take (default 60), and which smolvm
+    to drive (`smolvm.find`).
     """
 
     name = "smolmachines"
     plan_type = SmolmachinesBottlePlan
 
     def __init__(
-        self, *, pool: IPv4Network | None = None, routes: list[IPv4Network] | None = None, smolvm: str = "smolvm"
+        self, *, pool: IPv4Network | None = None, routes: list[IPv4Network] | None = None, smolvm: Smolvm | None = None
     ):
         self.pool = pool or pool_from_env()
         self.routes = host_routes() if routes is None else routes
-        self.smolvm = smolvm
+        self._smolvm = smolvm
         self.ready_timeout = _seconds_from_env("BOTTLE_READY_TIMEOUT", 30.0)
+        self.probe_timeout = _seconds_from_env("BOTTLE_PROBE_TIMEOUT", 60.0)
+
+    def smolvm(self, state: StateStore | None = None) -> Smolvm | None:
+        """The smolvm to drive (see `smolvm.find`), looked up once."""
+        if self._smolvm is None:
+            self._smolvm = find_smolvm(state or StateStore())
+        return self._smolvm
 
     def preflight(self, *, docker: docker.DockerClient | None) -> PreflightReport:
-        smolvm, version = checks.check_smolvm(self.smolvm)
-        report = [smolvm, checks.check_egress_floor(), checks.check_docker(docker), checks.check_platform()]
+        smolvm, version = checks.check_smolvm(self.smolvm())
+        report = [smolvm, checks.check_settings(), checks.check_docker(docker), checks.check_platform()]
         return PreflightReport(backend=self.name, checks=report, facts={"smolvm_version": version} if version else {})
 
     def plan(
@@ -77,27 +87,32 @@ class SmolmachinesBackend(Backend):
         state: StateStore,
         preflight: PreflightReport,
         on_step: Callable[[str, str], None],
-        repack: bool = False,
     ) -> SmolmachinesBottlePlan:
+        smolvm = self.smolvm(state)
+        if smolvm is None:  # preflight has already refused; a caller that skipped it gets the same words
+            raise EnvironmentProblem(f"smolvm is not installed: {checks.INSTALL_SMOLVM}")
         return launch.up(
             manifest,
             docker,
             state,
-            Smolvm(self.smolvm),
+            smolvm,
             prepare_options=self._options(preflight),
             on_step=on_step,
-            repack=repack,
             ready_timeout=self.ready_timeout,
+            probe_timeout=self.probe_timeout,
         )
 
     def attach(self, plan: SmolmachinesBottlePlan, *, tty: bool) -> int:  # type: ignore[override]
-        return Smolvm(self.smolvm).attach(plan.machine_name, plan.agent_command, tty=tty)
+        smolvm = self.smolvm()
+        if smolvm is None:
+            raise EnvironmentProblem(f"smolvm is not installed: {checks.INSTALL_SMOLVM}")
+        return smolvm.attach(plan.machine_name, plan.agent_command, tty=tty)
 
     def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:
-        return launch.down(slug, docker, state, Smolvm(self.smolvm))
+        return launch.down(slug, docker, state, self.smolvm(state))
 
     def inventory(self, *, docker: docker.DockerClient, state: StateStore) -> list[BottleStatus]:
-        return launch.inventory(docker, state, Smolvm(self.smolvm))
+        return launch.inventory(docker, state, self.smolvm(state))
 
     def _options(self, preflight: PreflightReport) -> dict:
         return {"pool": self.pool, "routes": self.routes, "smolvm_version": preflight.facts.get("smolvm_version")}

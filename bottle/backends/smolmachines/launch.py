@@ -1,4 +1,4 @@
-"""Executing a plan: the bundle container, the packed artifact, the machine; and taking them down again.
+"""Executing a plan: the bundle container, the image archive, the machine, the probe; and taking them down again.
 
 `up` runs its steps in order; each adopts what already exists, and whatever a run created is removed
 again, newest first, if a later step fails or the user interrupts it. `down` removes everything a
@@ -7,6 +7,7 @@ bottle has by name and label, so it also cleans up after a run that crashed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -24,18 +25,22 @@ from pydantic import ValidationError
 from bottle.backend import (
     LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, label_filter, labels, owned_slug, why_not_owned,
 )  # fmt: skip
-from bottle.backends.smolmachines import smolfile
+from bottle.backends.smolmachines import probe
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
-from bottle.backends.smolmachines.prepare import BACKEND, GUEST_DIR, prepare_parts, resource_name, secret_name
+from bottle.backends.smolmachines.prepare import BACKEND, prepare_parts, resource_name, secret_name
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.bundle import SECRETS_FILE
 from bottle.bundle.policy import is_header_value
 from bottle.errors import BottleError, StateError, StepFailed
-from bottle.manifest import Manifest, is_slug
+from bottle.manifest import Manifest
 from bottle.state import StateStore
 from bottle.undo import Undo, reason
 
 Progress = Callable[[str, str], None]
+LABEL_CONFIG = "bottle.config"  # a digest of what the machine was made from
+# The machine's persistent workload: nothing. The agent is the command `up` attaches with `exec`; an
+# agent image's own ENTRYPOINT/CMD would otherwise start a second agent in the background.
+WORKLOAD = ["sleep", "2147483647"]
 
 
 def write_secrets(manifest: Manifest, plan: SmolmachinesBottlePlan, state: StateStore) -> None:
@@ -137,89 +142,87 @@ def wait_until_ready(client: docker.DockerClient, plan: SmolmachinesBottlePlan, 
         time.sleep(0.1)
 
 
-def ensure_artifact(
-    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, *, repack: bool, on_step: Progress
-) -> None:
-    """Pack the agent image once per image (and smolvm version); reuse the cached .smolmachine after that.
+def image_source(client: docker.DockerClient, plan: SmolmachinesBottlePlan, state: StateStore, on_step: Progress) -> str:
+    """What smolvm makes the machine from: a local image as a `docker save` archive, cached by image ID;
+    a reference docker does not have is passed through for smolvm to pull.
 
-    smolvm packs into a fresh private directory with an unpredictable name, and the artifact is renamed
-    into place, so an interrupted pack leaves nothing half-written and no planted link is written through.
+    The archive is written into a fresh private directory and renamed into place, so an interrupted save
+    leaves nothing half-written and no planted link is written through.
     """
-    stamp_path = plan.artifact_path.with_suffix(".json")
-    stamp = json.dumps({"image": plan.agent_image, "smolvm_version": plan.smolvm_version}).encode()
-    if not repack and state.is_file(plan.artifact_path) and state.read(stamp_path) == stamp:
-        on_step("pack", f"reusing {plan.artifact_path}")
-        return
-    cache = state.private_dir(plan.artifact_path.parent)
-    on_step("pack", f"packing {plan.agent_image} (this can take minutes)")
-    started = time.monotonic()
     try:
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".packing-") as scratch:
-            partial = Path(scratch) / plan.artifact_path.name
-            smolvm.pack(plan.agent_image, partial)
-            os.chmod(partial, 0o600)  # smolvm made it under its own umask
-            os.replace(partial, plan.artifact_path)
+        image = client.images.get(plan.agent_image)
+    except docker.errors.ImageNotFound:
+        on_step("image", f"{plan.agent_image} is not a local image; smolvm pulls it")
+        return plan.agent_image
+    archive = state.cache_dir() / "images" / f"{image.id.removeprefix('sha256:')}.tar"
+    if state.is_file(archive):
+        on_step("image", f"reusing {archive}")
+        return str(archive)
+    on_step("image", f"saving {plan.agent_image} for smolvm")
+    cache = state.private_dir(archive.parent)
+    try:
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".saving-") as scratch:
+            partial = Path(scratch) / archive.name
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                for chunk in image.save(named=True):
+                    out.write(chunk)
+            os.replace(partial, archive)
     except OSError as exc:
-        raise StateError(f"cannot store the packed image at {plan.artifact_path}: {exc.strerror or exc}") from None
-    state.write_private(stamp_path, stamp)
-    on_step("pack", f"packed in {time.monotonic() - started:.0f} s")
+        raise StateError(f"cannot store the image archive at {archive}: {exc.strerror or exc}") from None
+    return str(archive)
 
 
-def machine_record(state: StateStore, slug: str) -> Path:
-    """Where this state directory notes the machines it made: outside the bottle's own directory, so a
-    machine is still known as ours after that directory is lost."""
-    return state.root / "machines" / f"{slug}.json"
-
-
-def read_record(state: StateStore, slug: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(state.read(machine_record(state, slug)) or b"null")
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+def machine_config(state: StateStore, plan: SmolmachinesBottlePlan, image: str) -> str:
+    """A digest of everything the machine is made from; a machine whose label differs is made anew."""
+    made_from = [state.read(plan.smolfile_path) or b"", image.encode(), str(plan.bundle_ip).encode(),
+                 json.dumps(WORKLOAD).encode()]  # fmt: skip
+    return hashlib.sha256(b"\0".join(made_from)).hexdigest()[:32]
 
 
 def ensure_machine(
-    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, undo: Undo, on_step: Progress
+    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, image: str, undo: Undo, on_step: Progress
 ) -> None:
-    """Create the machine from the artifact with exactly the Smolfile's env and one CIDR; start it.
+    """Create the machine from the image and the Smolfile, labelled as this state directory's; start it.
 
-    A machine of that name is adopted only if this state directory made it (its record matches) with
-    exactly the plan's env and allowlist; one of ours that differs (the network moved, the env changed)
-    is made anew, and anyone else's is refused.
+    A machine of that name is adopted only if it carries this state directory's labels and was made
+    from exactly what the plan says; one of ours that differs is made anew, and anyone else's is refused.
+    Before starting it, bottle reads back what smolvm recorded and refuses a machine whose allowlist or
+    resolver is not the plan's.
     """
-    data = smolfile.build(plan.agent_env, plan.bundle_ip)
-    wanted = {"env": data["env"], "allow_cidrs": data["network"]["allow_cidrs"]}
-    record = read_record(state, plan.slug)
-    existing = smolvm.machines().get(plan.machine_name)
-    if existing is not None and not _owns_machine(existing, plan.slug, state.owner(), record):
+    owner = state.owner(create=True)
+    name = plan.machine_name
+    config = machine_config(state, plan, image)
+    existing = smolvm.machines().get(name)
+    if existing is not None and owned_slug(existing.get("labels"), BACKEND, owner) != plan.slug:
         raise BottleError(
-            f"a smolvm machine named '{plan.machine_name}' exists but this bottle state directory did not create "
-            f"it; remove it (`smolvm machine delete {plan.machine_name} --force`) or rename the bottle"
+            f"a smolvm machine named '{name}' exists but this bottle state directory did not create it; "
+            f"remove it (`smolvm machine delete --name {name} --force`) or rename the bottle"
         )
-    if existing is not None and {k: (record or {}).get(k) for k in wanted} != wanted:
-        on_step("machine create", f"{plan.machine_name} differs from the plan; making it anew")
-        smolvm.delete(plan.machine_name)
+    if existing is not None and (existing.get("labels") or {}).get(LABEL_CONFIG) != config:
+        on_step("machine create", f"{name} differs from the plan; making it anew")
+        smolvm.delete(name)
         existing = None
     if existing is None:
-        on_step("machine create", f"{plan.machine_name}, allowed to reach {plan.allow_cidr} only")
-        guest = ["--volume", f"{plan.guest_dir}:{GUEST_DIR}:ro"]  # the bundle's CA certificate, nothing else
-        smolvm.create(plan.machine_name, plan.artifact_path, smolfile.flags(data) + guest)
-        undo.push(f"machine {plan.machine_name}", lambda: _delete_machine(smolvm, state, plan.slug))
-        made = smolvm.machines().get(plan.machine_name) or {}
-        record = wanted | {"created_at": made.get("created_at")}
-        state.write_private(machine_record(state, plan.slug), json.dumps(record).encode())
+        on_step("machine create", f"{name}, allowed to reach {plan.allow_cidr} only")
+        made_labels = labels(plan.slug, BACKEND, owner) | {LABEL_CONFIG: config}
+        flags = ["--dns", str(plan.bundle_ip)]  # the guest's resolver is the bundle, which refuses every query
+        smolvm.create(name, image, plan.smolfile_path, labels=made_labels, flags=flags, command=WORKLOAD)
+        undo.push(f"machine {name}", lambda: smolvm.delete(name))
+    check_recorded(existing or smolvm.machines().get(name) or {}, plan)
     if existing is None or existing.get("state") != "running":
-        on_step("machine start", plan.machine_name)
-        smolvm.start(plan.machine_name)
+        on_step("machine start", name)
+        smolvm.start(name)
 
 
-def _delete_machine(smolvm: Smolvm, state: StateStore, slug: str) -> None:
-    smolvm.delete(resource_name(slug))
-    try:
-        state.remove_file(machine_record(state, slug))
-    except StateError:
-        pass  # a record of a machine that is gone matches no other machine (its creation time differs)
+def check_recorded(machine: dict[str, Any], plan: SmolmachinesBottlePlan) -> None:
+    """Refuse a machine smolvm did not record with exactly the bundle's /32 and the bundle as resolver."""
+    cidrs, dns = machine.get("allowed_cidrs"), machine.get("dns")
+    if cidrs != [plan.allow_cidr] or dns != str(plan.bundle_ip):
+        raise StepFailed(
+            "machine create",
+            f"smolvm recorded the machine with allowlist {cidrs} and resolver {dns}, not [{plan.allow_cidr!r}] "
+            f"and {str(plan.bundle_ip)!r}; this smolvm does not confine the VM as bottle needs",
+        )
 
 
 def _step(name: str, action: Callable[[], Any]) -> Any:
@@ -244,8 +247,8 @@ def up(
     *,
     prepare_options: dict[str, Any],
     on_step: Progress,
-    repack: bool = False,
     ready_timeout: float = 30.0,
+    probe_timeout: float = 60.0,
 ) -> SmolmachinesBottlePlan:
     """Bring the bottle up, or adopt the parts that are already up; undo this run's work on any failure."""
     undo = Undo()
@@ -258,10 +261,10 @@ def up(
         on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
         _step("bundle ready", lambda: wait_until_ready(client, plan, ready_timeout))
         on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
-        _step("pack", lambda: ensure_artifact(smolvm, plan, state, repack=repack, on_step=on_step))
-        _step("machine", lambda: ensure_machine(smolvm, plan, state, undo, on_step))
-        _step("exec", lambda: smolvm.probe(plan.machine_name))
-        on_step("exec", f"{plan.machine_name} runs commands")
+        image = _step("image", lambda: image_source(client, plan, state, on_step))
+        _step("machine", lambda: ensure_machine(smolvm, plan, state, image, undo, on_step))
+        _step("probe", lambda: probe.confined(smolvm, plan, timeout=probe_timeout))
+        on_step("probe", f"{plan.machine_name} reaches its bundle and nothing else it was tried on")
     except BaseException as exc:
         left = undo.leftovers(manifest.slug)
         if isinstance(exc, StepFailed):
@@ -270,19 +273,7 @@ def up(
     return plan
 
 
-def _owns_machine(machine: dict[str, Any], slug: str, owner: str | None, record: dict[str, Any] | None) -> bool:
-    """A smolvm machine is this state directory's if it carries the owner's labels, or if this state
-    directory recorded making it (same creation time).
-
-    smolvm keeps one list of machines per user, shared by every BOTTLE_HOME, so a name proves nothing.
-    """
-    if owned_slug(machine.get("labels"), BACKEND, owner) == slug:
-        return True
-    made = (record or {}).get("created_at")
-    return made is not None and machine.get("created_at") == made
-
-
-def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[str]:
+def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smolvm | None) -> list[str]:
     """Remove the bottle's machine, bundle, network and state, whatever of them exists; keep the cache.
 
     Only what this state root owns is touched: docker resources carrying its owner label, and the
@@ -296,9 +287,8 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
     selector = {"label": label_filter(labels(slug, BACKEND, owner or "none"))}
 
     def machine() -> None:
-        if smolvm.installed and (found := smolvm.machines().get(name)) is not None:
-            if _owns_machine(found, slug, owner, read_record(state, slug)):
-                _delete_machine(smolvm, state, slug)
+        if smolvm is not None and smolvm.installed and (found := smolvm.machines().get(name)) is not None:
+            if owned_slug(found.get("labels"), BACKEND, owner) == slug and smolvm.delete(name):
                 removed.append(f"machine {name}")
 
     def containers() -> None:
@@ -328,7 +318,7 @@ def down(slug: str, client: docker.DockerClient, state: StateStore, smolvm: Smol
     return removed
 
 
-def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm) -> list[BottleStatus]:
+def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm | None) -> list[BottleStatus]:
     """Every smolmachines bottle this machine has a trace of: on disk, in docker, or in smolvm.
 
     A resource that carries bottle's labels but is not this state root's (another BOTTLE_HOME's, or a
@@ -358,15 +348,14 @@ def inventory(client: docker.DockerClient, state: StateStore, smolvm: Smolvm) ->
         except (StateError, ValidationError):
             plans[slug] = None
     machines = {}
-    for name, machine in (smolvm.machines() if smolvm.installed else {}).items():
-        slug = name.removeprefix("bottle-")
-        if not name.startswith("bottle-"):
-            continue
-        if is_slug(slug) and _owns_machine(machine, slug, owner, read_record(state, slug)):
+    for name, machine in (smolvm.machines() if smolvm is not None and smolvm.installed else {}).items():
+        found_labels = machine.get("labels") or {}
+        slug = owned_slug(found_labels, BACKEND, owner)
+        if slug is not None and name == resource_name(slug):
             machines[slug] = machine
-        else:
-            why = "is named like a bottle's but this state directory has no record of making it"
-            foreign.append(_foreign(f"smolvm machine {name}", why, f"smolvm machine delete {name} --force"))
+        elif name.startswith("bottle-") or found_labels.get(LABEL_MANAGED):
+            why = f"carries bottle's name or labels but {why_not_owned(found_labels, BACKEND, owner) or 'not its name'}"
+            foreign.append(_foreign(f"smolvm machine {name}", why, f"smolvm machine delete --name {name} --force"))
     result = []
     for slug in sorted(set(plans) | set(networks) | set(bundles) | set(machines)):
         plan = plans.get(slug)

@@ -25,7 +25,6 @@ class SmolmachinesBottlePlan(BottlePlan):
     smolfile_path: Path
     bundle_dir: Path  # the bundle's config, CA and secrets, mounted read-only into the bundle container
     guest_dir: Path  # the CA certificate alone, mounted read-only into the VM
-    artifact_path: Path
     machine_name: str
     agent_image: str
     agent_command: list[str]

@@ -4,54 +4,62 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 from bottle.backend import Check
-from bottle.backends.smolmachines.smolvm import smolvm_environment
+from bottle.backends.smolmachines.smolvm import Smolvm, dropped_settings
+from bottle.errors import StepFailed
 
 if TYPE_CHECKING:
     import docker
 
-MIN_SMOLVM = (0, 8, 0)
-INSTALL_SMOLVM = "install smolvm 0.8.0 or newer from https://github.com/smol-machines/smolvm and put it on PATH"
-_VERSION = re.compile(r"^smolvm (\d+)\.(\d+)\.(\d+)\S*\s*$")
+# The releases bottle drives (floor included, ceiling excluded). The floor, 1.31.0, is the first that
+# takes everything bottle's confinement needs: a Smolfile beside a `docker save` archive, labels, error
+# codes, `net_backend = "virtio-net"` (the backend that enforces the allowlist) and `deny_cidrs`. The
+# ceiling is the next minor after the newest release bottle was tried against.
+SUPPORTED = ((1, 31, 0), (1, 33, 0))
+SUPPORTED_TEXT = "1.31.0 up to 1.32.x"
+INSTALL_SMOLVM = (
+    "pip install 'bottle[smolvm]' (the smolmachines wheel carries smolvm), or put smolvm 1.31 or 1.32 on PATH; "
+    "$BOTTLE_SMOLVM names one explicitly"
+)
+_VERSION = re.compile(r"^smolvm (\d+)\.(\d+)\.(\d+)\S*$")
 
 
-def check_smolvm(executable: str = "smolvm") -> tuple[Check, str | None]:
-    """Find smolvm and parse `smolvm --version`; return the check and the version it saw."""
-    path = shutil.which(executable)
-    if path is None:
-        return Check(name="smolvm", ok=False, detail=f"'{executable}' is not on PATH", fix=INSTALL_SMOLVM), None
-    try:
-        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False,
-                                env=smolvm_environment(os.environ))  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check(name="smolvm", ok=False, detail=f"'{path} --version' failed: {exc}", fix=INSTALL_SMOLVM), None
-    match = _VERSION.match(result.stdout.strip())
-    if result.returncode != 0 or not match:
-        seen = (result.stdout or result.stderr).strip()[:80]
-        detail = f"'{path} --version' printed {seen!r}, not 'smolvm X.Y.Z'"
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    match = _VERSION.match(text.strip())
+    return tuple(int(g) for g in match.groups()) if match else None  # type: ignore[return-value]
+
+
+def check_smolvm(smolvm: Smolvm | None) -> tuple[Check, str | None]:
+    """Find smolvm and check its version is one bottle supports; return the check and the version."""
+    if smolvm is None:
+        detail = "no smolvm: none on PATH, $BOTTLE_SMOLVM unset, and the smolmachines wheel is not installed"
         return Check(name="smolvm", ok=False, detail=detail, fix=INSTALL_SMOLVM), None
-    version = ".".join(match.groups())
-    if tuple(int(g) for g in match.groups()) < MIN_SMOLVM:
-        return Check(name="smolvm", ok=False, detail=f"{path} is version {version}", fix=INSTALL_SMOLVM), version
-    return Check(name="smolvm", ok=True, detail=f"{path} is version {version}"), version
+    try:
+        said = smolvm.version()
+    except StepFailed as exc:
+        return Check(name="smolvm", ok=False, detail=f"{smolvm.executable}: {exc.reason}", fix=INSTALL_SMOLVM), None
+    version = parse_version(said)
+    if version is None:
+        detail = f"'{smolvm.executable} --version' printed {said[:80]!r}, not 'smolvm X.Y.Z'"
+        return Check(name="smolvm", ok=False, detail=detail, fix=INSTALL_SMOLVM), None
+    shown = ".".join(map(str, version))
+    where = f"{smolvm.executable} is smolvm {shown}"
+    if not SUPPORTED[0] <= version < SUPPORTED[1]:
+        detail = f"{where}; bottle supports {SUPPORTED_TEXT}"
+        return Check(name="smolvm", ok=False, detail=detail, fix=INSTALL_SMOLVM), shown
+    return Check(name="smolvm", ok=True, detail=f"{where} (supported: {SUPPORTED_TEXT})"), shown
 
 
-def check_egress_floor() -> Check:
-    """Later smolvm releases can deny every RFC 1918 address, which would cut a bottle off from its bundle."""
-    floor = os.environ.get("SMOLVM_EGRESS_FLOOR", "")
-    if floor.strip().lower() == "strict":
-        return Check(
-            name="egress floor",
-            ok=False,
-            detail="SMOLVM_EGRESS_FLOOR=strict denies private addresses, including the bottle's own bundle",
-            fix="unset SMOLVM_EGRESS_FLOOR for bottle; the Smolfile's one /32 already confines the VM",
-        )
-    return Check(name="egress floor", ok=True, detail="SMOLVM_EGRESS_FLOOR is not strict")
+def check_settings() -> Check:
+    """Name the SMOLVM_* settings of this shell that bottle does not hand to smolvm."""
+    dropped = dropped_settings(os.environ)
+    detail = "smolvm runs with seccomp and Landlock enforced and no SMOLVM_* setting that widens its network"
+    if dropped:
+        detail += f"; not passed on: {', '.join(dropped)}"
+    return Check(name="smolvm settings", ok=True, detail=detail)
 
 
 def check_docker(client: docker.DockerClient | None) -> Check:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from docker.types import IPAMConfig, IPAMPool
 
 from bottle.backend import LABEL_ROLE, label_filter, labels, owned_slug
 from bottle.backends.smolmachines import smolfile
+from bottle.backends.smolmachines.smolfile import GUEST_DIR
 from bottle.backends.smolmachines.addressing import Addresses, derive_subnet, ipv4_subnets
 from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
 from bottle.bundle import CA_DIR, CONFIG_FILE
@@ -27,7 +27,6 @@ from bottle.undo import Undo
 
 BACKEND = "smolmachines"
 SMOLFILE = "Smolfile"
-GUEST_DIR = "/etc/bottle"  # the guest directory (`plan.guest_dir`) is mounted here in the VM, read-only
 GUEST_CA_PATH = f"{GUEST_DIR}/ca.pem"  # the bundle's CA certificate, inside the VM
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays inside the VM; everything else goes to the bundle
 CREATE_ATTEMPTS = 10
@@ -142,7 +141,6 @@ def build_plan(
 ) -> SmolmachinesBottlePlan:
     """Assemble the plan from decisions already made; pure."""
     slug = manifest.slug
-    image_key = hashlib.sha256(manifest.agent.image.encode()).hexdigest()[:16]
     return SmolmachinesBottlePlan(
         name=manifest.name,
         slug=slug,
@@ -156,7 +154,6 @@ def build_plan(
         smolfile_path=state.bottle_dir(slug) / SMOLFILE,
         bundle_dir=state.bottle_dir(slug) / "bundle",
         guest_dir=state.bottle_dir(slug) / "guest",
-        artifact_path=state.cache_dir() / "artifacts" / f"{image_key}.smolmachine",
         machine_name=resource_name(slug),
         agent_image=manifest.agent.image,
         agent_command=manifest.agent.command,
@@ -243,7 +240,8 @@ def prepare_parts(
         undo.push(f"network {network.name}", network.remove)
     addresses = adopted_addresses(network)
     result = build_plan(manifest, addresses, network.id, state, smolvm_version)
-    rendered = smolfile.render(smolfile.build(result.agent_env, result.bundle_ip))
+    data = smolfile.build(result.agent_env, result.bundle_ip, result.bundle_gateway, result.guest_dir)
+    rendered = smolfile.render(data)
     state.write_private(result.smolfile_path, rendered.encode())
     state.write_private(result.bundle_dir / CONFIG_FILE, bundle_config(manifest, addresses))
     ensure_ca(result, state)
