@@ -248,7 +248,8 @@ def gc(dry_run: bool) -> None:
 def _format_audit(entry: dict[str, Any]) -> str:
     if entry.get("event") == "dns":
         what = entry.get("name") or entry.get("reason")
-        return f"{entry.get('time')}  {str(entry.get('decision')).upper():<5}  DNS {what} (type {entry.get('qtype')})"
+        kind = f" (type {entry['qtype']})" if entry.get("qtype") is not None else ""
+        return f"{entry.get('time')}  {str(entry.get('decision')).upper():<5}  DNS {what}{kind}"
     where = f"{entry.get('host')}:{entry.get('port')}{entry.get('path') or ''}"
     decision = str(entry.get("decision", "?")).upper()
     tail = entry.get("reason") or f"{entry.get('status')}  out {entry.get('bytes_out')} B  in {entry.get('bytes_in')} B"

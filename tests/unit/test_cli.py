@@ -166,3 +166,13 @@ def test_ls_and_gc_on_a_machine_with_no_bottles(capsys, fake, monkeypatch, tmp_p
     assert run(capsys, "ls")[:2] == (0, "no bottles\n")
     assert run(capsys, "ls", "--json")[:2] == (0, "[]\n")
     assert run(capsys, "gc", "--dry-run")[:2] == (0, "nothing to collect\n")
+
+
+def test_dns_audit_lines_read_as_dns_in_bottle_logs():
+    from bottle.cli import _format_audit
+
+    line = {"time": "t", "event": "dns", "decision": "refused", "name": "c2VjcmV0.evil.example", "qtype": 16,
+            "client": "192.168.38.1"}  # fmt: skip
+    assert _format_audit(line) == "t  REFUSED  DNS c2VjcmV0.evil.example (type 16)"
+    dropped = {"time": "t", "event": "dns", "decision": "dropped", "reason": "not a query"}
+    assert _format_audit(dropped) == "t  DROPPED  DNS not a query"
