@@ -100,8 +100,16 @@ def test_a_machine_the_real_smolvm_records_without_the_allowlist_is_refused(real
     unconfined = tmp_path / "Open"
     unconfined.write_text("net = true\n")
     create(real, "open", archive, unconfined)
-    with pytest.raises(StepFailed, match="does not confine the VM as bottle needs"):
+    with pytest.raises(StepFailed, match="allowed_cidrs=None, mounts=0, not as bottle made it"):
         check_recorded(real.machines()["open"], plan_for(tmp_path))
+
+
+def test_a_machine_with_bottles_labels_and_more_than_bottle_gives_is_refused(real, bottles_smolfile, archive, tmp_path):
+    # What someone who can write this smolvm state could plant under a bottle's name and labels.
+    real.create("wider", archive, bottles_smolfile, labels={}, command=WORKLOAD,
+                flags=["--dns", str(BUNDLE), "-p", "2222:22", "--allow-udp", "0.0.0.0/0"])  # fmt: skip
+    with pytest.raises(StepFailed, match="ports=1, not as bottle made it"):
+        check_recorded(real.machines()["wider"], plan_for(tmp_path))
 
 
 # The calls bottle makes, and their failure forms, compared between the real smolvm and the fake.

@@ -118,6 +118,8 @@ def start_bundle(client: docker.DockerClient, plan: SmolmachinesBottlePlan, owne
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
         restart_policy={"Name": "unless-stopped"},
+        # The audit log is the container's stdout: a VM flooding the bundle must not fill the host's disk.
+        log_config={"Type": "json-file", "Config": {"max-size": "50m", "max-file": "5"}},
     )
     undo.push(f"container {container.name}", lambda: container.remove(force=True))
     try:
@@ -198,8 +200,10 @@ def ensure_machine(
             f"a smolvm machine named '{name}' exists but this bottle state directory did not create it; "
             f"remove it (`smolvm machine delete --name {name} --force`) or rename the bottle"
         )
-    if existing is not None and (existing.get("labels") or {}).get(LABEL_CONFIG) != config:
-        on_step("machine create", f"{name} differs from the plan; making it anew")
+    if existing is not None and (existing.get("state") != "running" or existing["labels"].get(LABEL_CONFIG) != config):
+        # smolvm does not report everything a machine was made with (its denies, UDP or socket
+        # options), so a stopped machine is never trusted: making it anew costs a fraction of a second.
+        on_step("machine create", f"{name} is not running or differs from the plan; making it anew")
         smolvm.delete(name)
         existing = None
     if existing is None:
@@ -215,13 +219,17 @@ def ensure_machine(
 
 
 def check_recorded(machine: dict[str, Any], plan: SmolmachinesBottlePlan) -> None:
-    """Refuse a machine smolvm did not record with exactly the bundle's /32 and the bundle as resolver."""
-    cidrs, dns = machine.get("allowed_cidrs"), machine.get("dns")
-    if cidrs != [plan.allow_cidr] or dns != str(plan.bundle_ip):
+    """Refuse a machine smolvm did not record exactly as bottle makes it: the bundle's /32 alone, the
+    bundle as resolver, one mount (the CA), no published port or extra disk, GPU off, the inert workload."""
+    wanted = {"allowed_cidrs": [plan.allow_cidr], "dns": str(plan.bundle_ip), "mounts": 1, "ports": 0,
+              "cmd": WORKLOAD, "gpu": False, "cuda": False}  # fmt: skip
+    found = {key: machine.get(key) for key in wanted}
+    if found != wanted or machine.get("disks"):
+        differs = ", ".join(f"{k}={found[k]!r}" for k in wanted if found[k] != wanted[k]) or "extra disks"
         raise StepFailed(
             "machine create",
-            f"smolvm recorded the machine with allowlist {cidrs} and resolver {dns}, not [{plan.allow_cidr!r}] "
-            f"and {str(plan.bundle_ip)!r}; this smolvm does not confine the VM as bottle needs",
+            f"smolvm recorded machine {plan.machine_name} with {differs}, not as bottle made it; "
+            "bottle will not run an agent in a VM it cannot show is confined to its bundle",
         )
 
 

@@ -59,6 +59,8 @@ def check_settings() -> Check:
     detail = "smolvm runs with seccomp and Landlock enforced and no SMOLVM_* setting that widens its network"
     if dropped:
         detail += f"; not passed on: {', '.join(dropped)}"
+    if os.environ.get("SMOLVM_VM_UID_DROP"):
+        detail += "; SMOLVM_VM_UID_DROP is set, so VMs do not run under a user of their own"
     return Check(name="smolvm settings", ok=True, detail=detail)
 
 

@@ -28,12 +28,13 @@ PASSED_ENV = frozenset({
     "XDG_RUNTIME_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME",
     "TERM", "COLORTERM", "COLUMNS", "LINES",
 })  # fmt: skip
-# smolvm's own settings that only say where its parts and data are, or how long to wait. Every other
+# smolvm's own settings that say where its parts and data are, or how long to wait, and
+# SMOLVM_VM_UID_DROP, which root needs (`doctor` names it when set, since it weakens the VMM). Every other
 # SMOLVM_* variable is dropped: SMOLVM_PUBLISH_ADDR and SMOLVM_EGRESS_FLOOR change egress rules,
 # SMOLVM_ALLOW_HOST_LOOPBACK and SMOLVM_EGRESS_ALLOW_PRIVATE open more of the host, SMOLVM_MACHINE_NAME
 # renames machines.
 PASSED_SMOLVM_ENV = frozenset({
-    "SMOLVM_LIB_DIR", "SMOLVM_AGENT_ROOTFS", "SMOLVM_AGENT_ROOTFS_TAR", "SMOLVM_BOOT_BINARY", "SMOLVM_DATA_DIR",
+    "SMOLVM_LIB_DIR", "SMOLVM_AGENT_ROOTFS", "SMOLVM_AGENT_ROOTFS_TAR", "SMOLVM_DATA_DIR",
     "SMOLVM_VM_UID_DROP", "SMOLVM_AGENT_READY_TIMEOUT_SECS",
 })  # fmt: skip
 # The CLI's VMM runs unconfined unless told otherwise (smolvm's own SDK and server switch these on).
