@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
 import tempfile
@@ -136,7 +137,12 @@ def ls_scaling(client, backend, state, run: str) -> None:
         list(pool.map(lambda n: backend.down(n, docker=client, state=state), made))
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(143)  # so that `finally` removes what the run made, as it does on Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
