@@ -36,7 +36,7 @@ from docker.types import IPAMConfig, IPAMPool
 from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.bundle.ca import CA_FILE, create_ca
 from bottle.bundle.policy import BundleConfig, Rule
-from bottle.testing.upstream import echo_server
+from bottle.testing.upstream import echo_server, free_port
 
 TABLE: dict[str, str] = {}
 
@@ -61,12 +61,6 @@ def run_bundle(config_json: str, ca_file: str, table: dict[str, str], port: int,
     config = BundleConfig.model_validate_json(config_json).model_copy(update={"port": port, "dns_port": dns_port})
     asyncio.run(serve(config, {}, Path(ca_file), listen_host="127.0.0.1", resolver=table_resolver,
                       audit=lambda entry: None, upstream_ca=Path(upstream_ca)))  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:
@@ -214,7 +208,7 @@ def main() -> None:
                 process = multiprocessing.Process(
                     target=run_bundle,
                     args=(config.model_dump_json(), str(Path(tmp) / CA_FILE), {"upstream.test": gateway, SLOW_NAME: gateway},
-                          bundle_port, str(upstream["ca"]), free_port()),
+                          bundle_port, str(upstream["ca"]), free_port(udp=True)),
                     daemon=True,
                 )  # fmt: skip
                 process.start()

@@ -108,7 +108,7 @@ def running_bundle(config, secrets: dict[str, str], ca_file: Path, resolver, aud
     """Run the bundle's proxy on 127.0.0.1 (a free port) in a thread; yield its port."""
     from bottle.bundle.__main__ import serve
 
-    with_port = config.model_copy(update={"port": _free_port()})
+    with_port = config.model_copy(update={"port": free_port()})
     loop = asyncio.new_event_loop()
     task: list[asyncio.Task] = []
 
@@ -143,10 +143,20 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
+    """A port on `host` that nothing listens on; with `udp`, free for both TCP and UDP (as DNS needs)."""
+    while True:
+        with socket.socket() as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            if not udp:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram:
+                try:
+                    datagram.bind((host, port))
+                except OSError:
+                    continue
+                return port
 
 
 def gateway_of(network_attrs: dict) -> str:

@@ -19,7 +19,7 @@ from docker.types import IPAMConfig, IPAMPool
 from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.bundle.ca import CA_FILE, create_ca
 from bottle.bundle.policy import BundleConfig, Credential, Rule
-from bottle.testing.upstream import echo_server, gateway_of, running_bundle
+from bottle.testing.upstream import echo_server, free_port, gateway_of, running_bundle
 from tests.integration.conftest import TEST_LABEL
 
 SECRET = "sk-ant-test-4b1d6a2e9f"
@@ -73,7 +73,7 @@ def world(upstream_net, tmp_path_factory):
             + [Rule(host="*.wild.test", ports=ports, cidrs=[subnet])],
             credentials=[Credential(host="upstream.test", header="x-api-key", template="{secret}", secret="c0")],
             refuse=[ip_network("192.168.38.0/24")],
-            dns_port=_free_dns_port(),  # the bundle's own is 53; a test on loopback takes whatever is free
+            dns_port=free_port(udp=True),  # the bundle's own is 53; a test on loopback takes whatever is free
         )
 
         def resolver(host, port):
@@ -97,18 +97,6 @@ def _closed_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _free_dns_port() -> int:
-    """A loopback port free for both UDP and TCP."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-            udp.bind(("127.0.0.1", 0))
-            try:
-                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
-            except OSError:
-                continue
-            return udp.getsockname()[1]
 
 
 def https_get(world, host, path="/echo", headers=None, host_header=None):

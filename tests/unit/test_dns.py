@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bottle.bundle.dns import display_name, listen, refusal
+from bottle.testing.upstream import free_port
 
 HEADER = struct.Struct("!HHHHHH")
 OPT = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)  # EDNS: root name, type OPT, 1232-byte payload, no options
@@ -307,14 +308,7 @@ def test_udp_and_tcp_share_the_port_and_a_taken_port_fails_to_bind():
 
 def _free_port() -> int:
     """A port free for UDP and TCP on every address (the bundle binds 0.0.0.0)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-            udp.bind(("0.0.0.0", 0))
-            try:
-                tcp.bind(("0.0.0.0", udp.getsockname()[1]))
-            except OSError:
-                continue
-            return udp.getsockname()[1]
+    return free_port("0.0.0.0", udp=True)
 
 
 def _config(**ports) -> str:
