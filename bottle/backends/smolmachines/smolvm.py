@@ -82,16 +82,20 @@ class Smolvm:
     def environment(self) -> dict[str, str]:
         return smolvm_environment(os.environ) | self.env
 
-    def _run(self, step: str, args: list[str], *, timeout: float | None = None) -> str:
+    def _call(self, step: str, args: list[str], *, timeout: float | None, doing: str) -> subprocess.CompletedProcess:
+        """Run smolvm with `args`; only a failure to run it, or to finish in time, is raised here."""
         try:
-            result = subprocess.run(
+            return subprocess.run(
                 self.argv(*args), stdin=subprocess.DEVNULL, capture_output=True, text=True,
                 env=self.environment(), timeout=timeout, check=False,
             )  # fmt: skip
         except OSError as exc:
             raise StepFailed(step, f"could not run {self.executable}: {exc.strerror}") from None
         except subprocess.TimeoutExpired:
-            raise StepFailed(step, f"smolvm {' '.join(args[:2])} did not finish within {timeout:.0f} s") from None
+            raise StepFailed(step, f"{doing} did not finish within {timeout:.0f} s") from None
+
+    def _run(self, step: str, args: list[str], *, timeout: float | None = None) -> str:
+        result = self._call(step, args, timeout=timeout, doing=f"smolvm {' '.join(args[:2])}")
         if result.returncode != 0:
             raise SmolvmFailed(step, *error_of(result.returncode, result.stderr))
         return result.stdout
@@ -129,15 +133,8 @@ class Smolvm:
 
     def exec(self, step: str, name: str, command: list[str], *, timeout: float) -> subprocess.CompletedProcess:
         """Run a command in the running machine; its exit code and output are the caller's to judge."""
-        try:
-            return subprocess.run(
-                self.argv("machine", "exec", "--name", name, "--", *command), stdin=subprocess.DEVNULL,
-                capture_output=True, text=True, env=self.environment(), timeout=timeout, check=False,
-            )  # fmt: skip
-        except OSError as exc:
-            raise StepFailed(step, f"could not run {self.executable}: {exc.strerror}") from None
-        except subprocess.TimeoutExpired:
-            raise StepFailed(step, f"the command in {name} did not finish within {timeout:.0f} s") from None
+        args = ["machine", "exec", "--name", name, "--", *command]
+        return self._call(step, args, timeout=timeout, doing=f"the command in {name}")
 
     def attach(self, name: str, command: list[str], *, tty: bool) -> int:
         """Run the agent with the user's terminal attached; return its exit code."""
