@@ -64,6 +64,14 @@ class SmolmachinesBackend(Backend):
             self._smolvm = find_smolvm(state or StateStore())
         return self._smolvm
 
+    def _installed_smolvm(self, state: StateStore | None = None) -> Smolvm:
+        """The smolvm to drive; preflight has already refused without one, a caller that skipped it gets
+        the same words."""
+        smolvm = self.smolvm(state)
+        if smolvm is None:
+            raise EnvironmentProblem(f"smolvm is not installed: {checks.INSTALL_SMOLVM}")
+        return smolvm
+
     def preflight(self, *, docker: docker.DockerClient | None) -> PreflightReport:
         smolvm, version = checks.check_smolvm(self.smolvm())
         report = [smolvm, checks.check_settings(), checks.check_docker(docker), checks.check_platform()]
@@ -88,14 +96,11 @@ class SmolmachinesBackend(Backend):
         preflight: PreflightReport,
         on_step: Callable[[str, str], None],
     ) -> SmolmachinesBottlePlan:
-        smolvm = self.smolvm(state)
-        if smolvm is None:  # preflight has already refused; a caller that skipped it gets the same words
-            raise EnvironmentProblem(f"smolvm is not installed: {checks.INSTALL_SMOLVM}")
         return launch.up(
             manifest,
             docker,
             state,
-            smolvm,
+            self._installed_smolvm(state),
             prepare_options=self._options(preflight),
             on_step=on_step,
             ready_timeout=self.ready_timeout,
@@ -103,10 +108,7 @@ class SmolmachinesBackend(Backend):
         )
 
     def attach(self, plan: SmolmachinesBottlePlan, *, tty: bool) -> int:  # type: ignore[override]
-        smolvm = self.smolvm()
-        if smolvm is None:
-            raise EnvironmentProblem(f"smolvm is not installed: {checks.INSTALL_SMOLVM}")
-        return smolvm.attach(plan.machine_name, plan.agent_command, tty=tty)
+        return self._installed_smolvm().attach(plan.machine_name, plan.agent_command, tty=tty)
 
     def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:
         return launch.down(slug, docker, state, self.smolvm(state))

@@ -182,16 +182,16 @@ def machine_config(state: StateStore, plan: SmolmachinesBottlePlan, image: str) 
 
 
 def ensure_machine(
-    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, image: str, undo: Undo, on_step: Progress
+    smolvm: Smolvm, plan: SmolmachinesBottlePlan, state: StateStore, owner: str, image: str, undo: Undo,
+    on_step: Progress,
 ) -> None:
     """Create the machine from the image and the Smolfile, labelled as this state directory's; start it.
 
     A machine of that name is adopted only if it carries this state directory's labels and was made
     from exactly what the plan says; one of ours that differs is made anew, and anyone else's is refused.
-    Before starting it, bottle reads back what smolvm recorded and refuses a machine whose allowlist or
-    resolver is not the plan's.
+    Before starting it, bottle reads back what smolvm recorded and refuses a machine that is not exactly
+    what bottle makes (`check_recorded`).
     """
-    owner = state.owner(create=True)
     name = plan.machine_name
     config = machine_config(state, plan, image)
     existing = smolvm.machines().get(name)
@@ -270,7 +270,7 @@ def up(
         _step("bundle ready", lambda: wait_until_ready(client, plan, ready_timeout))
         on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
         image = _step("image", lambda: image_source(client, plan, state, on_step))
-        _step("machine", lambda: ensure_machine(smolvm, plan, state, image, undo, on_step))
+        _step("machine", lambda: ensure_machine(smolvm, plan, state, owner, image, undo, on_step))
         _step("probe", lambda: probe.confined(smolvm, plan, timeout=probe_timeout))
         on_step("probe", f"{plan.machine_name} reaches its bundle and nothing else it was tried on")
     except BaseException as exc:
