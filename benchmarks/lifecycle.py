@@ -31,7 +31,7 @@ from docker.types import IPAMConfig, IPAMPool
 
 from bottle.backend import LABEL_SLUG, PreflightReport
 from bottle.backends.smolmachines import SmolmachinesBackend
-from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore

@@ -20,7 +20,7 @@ from docker.types import IPAMConfig, IPAMPool
 
 from bottle.backend import LABEL_SLUG, PreflightReport
 from bottle.backends.smolmachines import SmolmachinesBackend
-from bottle.backends.smolmachines.addressing import blocked_slots, first_free, host_routes, ipv4_subnets
+from bottle.addressing import blocked_slots, first_free, host_routes, ipv4_subnets
 from bottle.errors import AddressPoolExhausted
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore

@@ -33,7 +33,7 @@ from pathlib import Path
 import docker
 from docker.types import IPAMConfig, IPAMPool
 
-from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.bundle.ca import CA_FILE, create_ca
 from bottle.bundle.policy import BundleConfig, Rule
 from bottle.testing.upstream import echo_server, free_port

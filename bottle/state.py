@@ -138,8 +138,12 @@ class StateStore:
         with self._dir(path, create=True):
             return path
 
-    def write_private(self, path: Path, data: bytes) -> None:
-        """Write `data` to `path` atomically, 0600 from its first byte, never through a link."""
+    def write_private(self, path: Path, data: bytes, *, mode: int = 0o600) -> None:
+        """Write `data` to `path` atomically, 0600 from its first byte, never through a link.
+
+        `mode` 0o644 is for a public certificate an unprivileged agent must read; the file still lives
+        in the root's 0700 directories, and is made readable only once it is whole.
+        """
         with self._dir(path.parent, create=True) as fd, _explained(path, "write"):
             temporary = f".{path.name}.{secrets.token_hex(6)}"
             file = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -150,6 +154,7 @@ class StateStore:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                    os.fchmod(f.fileno(), mode)
                 os.replace(temporary, path.name, src_dir_fd=fd, dst_dir_fd=fd)  # replaces a link, never follows it
             except BaseException:
                 try:
@@ -170,10 +175,13 @@ class StateStore:
             with os.fdopen(file, "rb") as f:
                 return f.read()
 
-    def is_file(self, path: Path) -> bool:
-        """Whether `path` below the root is a regular file, reached without following any link."""
+    def is_file(self, path: Path, *, mode: int | None = None) -> bool:
+        """Whether `path` below the root is a regular file (with exactly `mode`, if given), reached without
+        following any link."""
         with self._dir(path.parent, create=False) as fd, _explained(path, "look at"):
-            return fd is not None and _is(stat.S_ISREG, fd, path.name)
+            if fd is None or not _is(stat.S_ISREG, fd, path.name):
+                return False
+            return mode is None or stat.S_IMODE(os.stat(path.name, dir_fd=fd, follow_symlinks=False).st_mode) == mode
 
     def remove_file(self, path: Path) -> None:
         """Delete file `path` below the root if it exists (unlink never follows a link)."""

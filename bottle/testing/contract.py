@@ -78,12 +78,16 @@ class BackendContract:
         assert isinstance(prepared, backend.plan_type)
         assert backend.plan_type.model_validate_json(prepared.model_dump_json()) == prepared
 
-    def test_prepare_writes_only_private_files_in_the_bottle_dir(self, backend, manifest, docker, state, report):
+    def test_prepare_writes_only_private_files_in_private_dirs(self, backend, manifest, docker, state, report):
         backend.prepare(manifest, docker=docker, state=state, preflight=report)
         for path in state.root.rglob("*"):
             assert path.is_relative_to(state.bottle_dir(manifest.slug)) or path.is_dir() or path.name == "owner", path
-            if path.is_file():
-                assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+            if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+                # Only a certificate may be readable by others (the agent's user reads the CA's): no key.
+                data = path.read_bytes()
+                assert data.startswith(b"-----BEGIN CERTIFICATE-----") and b"PRIVATE KEY" not in data, path
+            for parent in path.relative_to(state.root).parents:
+                assert stat.S_IMODE((state.root / parent).stat().st_mode) & 0o077 == 0, parent
 
     def test_every_created_network_carries_the_bottle_labels(self, backend, manifest, docker, state, report):
         before = set(docker.engine.networks)

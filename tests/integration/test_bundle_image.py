@@ -8,7 +8,7 @@ import docker
 import pytest
 from docker.types import IPAMConfig, IPAMPool
 
-from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.bundle.build import build
 from bottle.testing.images import READY_IMAGE, build_python_base
 from tests.integration.conftest import TEST_LABEL, bottle

@@ -3,7 +3,7 @@
 import docker
 from docker.types import IPAMConfig, IPAMPool
 
-from bottle.backends.smolmachines.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.testing import FakeDocker
 from tests.integration.conftest import TEST_LABEL
 

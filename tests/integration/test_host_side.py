@@ -105,12 +105,12 @@ def test_a_stranger_on_the_bottle_network_stops_adoption(engine, slug, smolvm_st
     try:
         result = bottle("up", "-f", str(manifest), "--detach")
         assert result.returncode == 1
-        assert f"has container '{slug}-sleeper' attached, which is not this bottle's bundle" in result.stderr
+        assert f"has container '{slug}-sleeper' attached, which is not this bottle's own" in result.stderr
         stopped.remove(force=True)
         engine.networks.get(f"bottle-{slug}").connect(running)
         result = bottle("up", "-f", str(manifest), "--detach")
         assert result.returncode == 1
-        assert f"has container '{slug}-stranger' attached, which is not this bottle's bundle" in result.stderr
+        assert f"has container '{slug}-stranger' attached, which is not this bottle's own" in result.stderr
         assert f"docker network disconnect -f bottle-{slug} {slug}-stranger" in result.stderr
     finally:
         running.remove(force=True)

@@ -5,7 +5,7 @@ from docker.types import IPAMConfig, IPAMPool
 
 from bottle.backend import PreflightReport
 from bottle.backends.smolmachines import SmolmachinesBackend
-from bottle.backends.smolmachines.addressing import ipv4_subnets
+from bottle.addressing import ipv4_subnets
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore
 from tests.integration.conftest import TEST_LABEL

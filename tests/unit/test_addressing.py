@@ -2,7 +2,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from bottle.backends.smolmachines.addressing import (
+from bottle.addressing import (
     DEFAULT_POOL,
     Addresses,
     derive_subnet,

@@ -1,6 +1,7 @@
 import pytest
 
 from bottle.backends.smolmachines import SmolmachinesBackend
+from bottle import sidecar
 from bottle.backends.smolmachines import launch
 from bottle.manifest import parse_manifest
 from bottle.backends.smolmachines.smolvm import Smolvm
@@ -41,4 +42,4 @@ class TestSmolmachinesContract(BackendContract):
                 for ep in c["NetworkSettings"]["Networks"].values()
             )
 
-        monkeypatch.setattr(launch, "_tcp_accepts", accepts)
+        monkeypatch.setattr(sidecar, "_tcp_accepts", accepts)

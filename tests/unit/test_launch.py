@@ -3,7 +3,7 @@ import signal
 import pytest
 
 from bottle.backend import BottleStatus
-from bottle.backends.smolmachines.launch import _drift
+from bottle.sidecar import _drift
 from bottle.undo import Undo
 
 

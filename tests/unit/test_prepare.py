@@ -171,7 +171,7 @@ def test_a_network_with_someone_elses_container_on_it_is_not_adopted(backend, ma
     plan = prepare(backend, manifest, fake, state)
     fake.engine.add_image("intruder:1")
     fake.containers.create("intruder:1", name="intruder", network=plan.network_name).start()
-    with pytest.raises(BottleError, match="has container 'intruder' attached, which is not this bottle's bundle"):
+    with pytest.raises(BottleError, match="has container 'intruder' attached, which is not this bottle's own"):
         prepare(backend, manifest, fake, state)
 
 

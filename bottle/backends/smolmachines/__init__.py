@@ -11,7 +11,7 @@ from bottle.backend import Backend, BottleStatus, PreflightReport
 from bottle.backends.smolmachines import launch
 from bottle.backends.smolmachines import preflight as checks
 from bottle.backends.smolmachines import prepare as steps
-from bottle.backends.smolmachines.addressing import host_routes, pool_from_env
+from bottle.addressing import host_routes, pool_from_env
 from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.backends.smolmachines.smolvm import find as find_smolvm

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from bottle.plan import BottlePlan
-
-PROXY_PORT = 8888
+from bottle.sidecar import PROXY_PORT, BundleSite
 
 
 class SmolmachinesBottlePlan(BottlePlan):
@@ -39,3 +38,10 @@ class SmolmachinesBottlePlan(BottlePlan):
     @property
     def proxy_url(self) -> str:
         return f"http://{self.bundle_ip}:{PROXY_PORT}"
+
+    @property
+    def site(self) -> BundleSite:
+        return BundleSite(
+            backend=self.backend, slug=self.slug, container_name=self.bundle_container_name, image=self.bundle_image,
+            network_name=self.network_name, ip=self.bundle_ip, bundle_dir=self.bundle_dir,
+        )  # fmt: skip

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from bottle.backends.smolmachines.plan import PROXY_PORT, SmolmachinesBottlePlan
+from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
+from bottle.sidecar import PROXY_PORT
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.errors import StepFailed
 

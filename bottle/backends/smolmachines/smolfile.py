@@ -17,7 +17,7 @@ from typing import Any
 
 import tomli_w
 
-GUEST_DIR = "/etc/bottle"  # the guest directory is mounted here in the VM, read-only
+from bottle.sidecar import GUEST_DIR
 ALWAYS_DENIED = ("127.0.0.0/8", "169.254.0.0/16", "::/0")
 
 
