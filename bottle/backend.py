@@ -185,6 +185,14 @@ class Backend(ABC):
     def attach(self, plan: BottlePlan, *, tty: bool) -> int:
         """Run the agent in the bottle with the user's terminal attached; return its exit code."""
 
+    def run(self, plan: BottlePlan, command: list[str], *, docker: docker.DockerClient, timeout: float) -> tuple[int, str]:
+        """Run `command` in the running agent without a terminal; return its exit code and its output.
+
+        What bottle's confinement suite (`bottle.testing.confinement`) drives; a backend that cannot
+        run commands in its agent leaves it unimplemented.
+        """
+        raise NotImplementedError(f"backend '{self.name}' cannot run commands in its agent")
+
     @abstractmethod
     def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:
         """Remove every part of the bottle that exists, and its state directory; keep shared caches.

@@ -177,6 +177,27 @@ class BundleConfig(_Strict):
     image: Image = "bottle-bundle:latest"
 
 
+class DockerConfig(_Strict):
+    """`[docker]`: how the docker backend runs the agent's container (other backends ignore it)."""
+
+    # An OCI runtime the Engine has registered, e.g. "runsc" (gVisor) or "kata-runtime"; None: the default.
+    runtime: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    memory: str = Field(default="2g", pattern=r"^[1-9][0-9]*[kmg]?$")  # as `docker run --memory` takes it
+    cpus: float = Field(default=2.0, gt=0, le=256)
+    pids: int = Field(default=1024, ge=16, le=1_000_000)
+    # "uid:gid" or a user name in the image; None: your own uid:gid, or nobody when bottle runs as root.
+    user: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+    # A host directory mounted read-write at /workspace; None: /workspace is a tmpfs gone at `down`.
+    workspace: str | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _not_root(cls, user: str | None) -> str | None:
+        if user is not None and user.split(":")[0] in {"0", "root"}:
+            raise ValueError("the agent never runs as root; name another user, or leave it out")
+        return user
+
+
 class Manifest(_Strict):
     """A whole bottle.toml."""
 
@@ -185,6 +206,7 @@ class Manifest(_Strict):
     agent: AgentConfig
     egress: EgressConfig = Field(default_factory=EgressConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
 
     @property
     def slug(self) -> str:

@@ -37,12 +37,25 @@ from bottle.manifest import PLACEHOLDER, Manifest
 from bottle.state import StateStore
 from bottle.undo import Undo, reason
 
+Progress = Callable[[str, str], None]  # on_step(step, detail)
 PROXY_PORT = 8888
 GUEST_DIR = "/etc/bottle"  # where the agent finds the bundle's CA certificate, read-only
 GUEST_CA_PATH = f"{GUEST_DIR}/ca.pem"
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays with the agent; everything else goes to the bundle
 CREATE_ATTEMPTS = 10
 BUNDLE = "bundle"  # the bundle container's role label
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A timeout from the environment, in seconds; a bad value is a usage error naming the variable."""
+    text = os.environ.get(name)
+    try:
+        seconds = float(text) if text else default
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise UsageError(f"{name}={text!r} must be a number of seconds between 0 and 86400")
+    return seconds
 
 
 def resource_name(slug: str) -> str:
@@ -314,6 +327,7 @@ class BundleSite(BaseModel):
     ip: IPv4Address
     bundle_dir: Path  # the bundle's config, CA and secrets, mounted read-only at /etc/bottle
     egress_network: str | None = None  # its way out, when the agent's network has none
+    egress_ip: IPv4Address | None = None  # its pinned address there
 
 
 def start_bundle(client: docker.DockerClient, site: BundleSite, owner: str, undo: Undo) -> Container:
@@ -345,7 +359,7 @@ def start_bundle(client: docker.DockerClient, site: BundleSite, owner: str, undo
     undo.push(f"container {container.name}", lambda: container.remove(force=True))
     try:
         if site.egress_network:
-            client.networks.get(site.egress_network).connect(container)
+            client.networks.get(site.egress_network).connect(container, ipv4_address=str(site.egress_ip))
         container.start()
     except docker.errors.APIError as exc:
         raise StepFailed("bundle start", f"docker could not start the bundle: {exc.explanation}") from None

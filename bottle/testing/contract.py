@@ -22,11 +22,25 @@ import stat
 
 import pytest
 
-from bottle import registry
+from bottle import registry, sidecar
 from bottle.backend import Backend, PreflightReport, labels
 from bottle.manifest import Manifest
 from bottle.state import StateStore
 from bottle.testing.fake_docker import FakeDocker
+
+
+def bundle_answers_when_running(monkeypatch: pytest.MonkeyPatch, docker: FakeDocker) -> None:
+    """Make the bundle's readiness check see FakeDocker's containers: an address answers once the
+    container holding it runs (no real socket is opened)."""
+
+    def accepts(ip: str, port: int) -> bool:
+        return any(
+            c["State"]["Running"] and ep["IPAddress"] == ip
+            for c in docker.engine.containers.values()
+            for ep in c["NetworkSettings"]["Networks"].values()
+        )
+
+    monkeypatch.setattr(sidecar, "_tcp_accepts", accepts)
 
 
 class BackendContract:

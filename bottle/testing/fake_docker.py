@@ -89,6 +89,8 @@ class FakeEngine:
             ("POST", r"/networks/create", self._create_network),
             ("GET", r"/networks/(?P<ref>[^/]+)", self._inspect_network),
             ("DELETE", r"/networks/(?P<ref>[^/]+)", self._remove_network),
+            ("POST", r"/networks/(?P<ref>[^/]+)/connect", self._connect),
+            ("GET", r"/info", self._info),
             ("GET", r"/images/(?P<ref>.+)/json", self._inspect_image),
             ("GET", r"/containers/json", self._list_containers),
             ("POST", r"/containers/create", self._create_container),
@@ -116,12 +118,18 @@ class FakeEngine:
     def _ping(self, **_: Any) -> tuple[int, Any]:
         return 200, "OK"
 
+    def _info(self, **_: Any) -> tuple[int, Any]:
+        return 200, {"ServerVersion": ENGINE_VERSION, "Runtimes": {"runc": {"path": "runc"}}, "DefaultRuntime": "runc"}
+
     def _version(self, **_: Any) -> tuple[int, Any]:
         return 200, {"Version": ENGINE_VERSION, "ApiVersion": API_VERSION, "MinAPIVersion": "1.12", "Os": "linux"}
 
     # -- networks --------------------------------------------------------------------------------------
 
-    def _add_network(self, name: str, driver: str, config: list[dict], labels: dict[str, str]) -> dict[str, Any]:
+    def _add_network(
+        self, name: str, driver: str, config: list[dict], labels: dict[str, str], *, internal: bool = False,
+        options: dict[str, str] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         network_id = secrets.token_hex(32)
         attrs = {
             "Name": name,
@@ -131,13 +139,13 @@ class FakeEngine:
             "Driver": driver,
             "EnableIPv6": False,
             "IPAM": {"Driver": "default", "Options": None, "Config": config},
-            "Internal": False,
+            "Internal": internal,
             "Attachable": False,
             "Ingress": False,
             "ConfigFrom": {"Network": ""},
             "ConfigOnly": False,
             "Containers": {},
-            "Options": {},
+            "Options": options or {},
             "Labels": labels,
         }
         self.networks[network_id] = attrs
@@ -196,7 +204,10 @@ class FakeEngine:
                     "to assign to the network"
                 )
             config = [{"Subnet": str(free), "Gateway": str(free.network_address + 1)}]
-        attrs = self._add_network(name, driver, config, dict(body.get("Labels") or {}))
+        attrs = self._add_network(
+            name, driver, config, dict(body.get("Labels") or {}), internal=bool(body.get("Internal")),
+            options=dict(body.get("Options") or {}),
+        )  # fmt: skip
         return 201, {"Id": attrs["Id"], "Warning": ""}
 
     def _remove_network(self, ref: str, **_: Any) -> tuple[int, Any]:
@@ -276,23 +287,40 @@ class FakeEngine:
         if container["State"]["Running"]:
             return 304, None
         for net_name, endpoint in container["NetworkSettings"]["Networks"].items():
-            network = self.find_network(net_name)
-            subnet = next(iter(self._subnets[network["Id"]]), None)
-            used = {c["IPv4Address"].split("/")[0] for c in network["Containers"].values()}
-            wanted = ((endpoint.get("IPAMConfig") or {}).get("IPv4Address")) or next(
-                str(h) for h in list(subnet.hosts())[1:] if str(h) not in used
-            )
-            if subnet is None or ipaddress.ip_address(wanted) not in subnet:
-                raise EngineError(500, f"Invalid address {wanted}: It does not belong to any of this network's subnets")
-            if wanted in used:
-                raise EngineError(403, "Address already in use")
-            network["Containers"][container["Id"]] = {
-                "Name": container["Name"].lstrip("/"),
-                "IPv4Address": f"{wanted}/{subnet.prefixlen}",
-            }
-            endpoint.update(IPAddress=wanted, NetworkID=network["Id"])
+            self._join(container, self.find_network(net_name), endpoint)
         container["State"].update(Status="running", Running=True)
         return 204, None
+
+    def _join(self, container: dict[str, Any], network: dict[str, Any], endpoint: dict[str, Any]) -> None:
+        """Give a running container its address on `network`: the one asked for, or the next free one."""
+        subnet = next(iter(self._subnets[network["Id"]]), None)
+        used = {c["IPv4Address"].split("/")[0] for c in network["Containers"].values()}
+        wanted = ((endpoint.get("IPAMConfig") or {}).get("IPv4Address")) or next(
+            str(h) for h in list(subnet.hosts())[1:] if str(h) not in used
+        )
+        if subnet is None or ipaddress.ip_address(wanted) not in subnet:
+            raise EngineError(500, f"Invalid address {wanted}: It does not belong to any of this network's subnets")
+        if wanted in used:
+            raise EngineError(403, "Address already in use")
+        network["Containers"][container["Id"]] = {
+            "Name": container["Name"].lstrip("/"),
+            "IPv4Address": f"{wanted}/{subnet.prefixlen}",
+        }
+        endpoint.update(IPAddress=wanted, NetworkID=network["Id"])
+
+    def _connect(self, ref: str, body: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        network = self.find_network(ref)
+        container = self.find_container(body["Container"])
+        networks = container["NetworkSettings"]["Networks"]
+        if network["Name"] in networks:
+            raise EngineError(
+                403, f"endpoint with name {container['Name'].lstrip('/')} already exists in network {network['Name']}"
+            )
+        endpoint = {"IPAMConfig": (body.get("EndpointConfig") or {}).get("IPAMConfig"), "IPAddress": ""}
+        if container["State"]["Running"]:
+            self._join(container, network, endpoint)
+        networks[network["Name"]] = endpoint
+        return 200, None
 
     def _detach(self, container: dict[str, Any]) -> None:
         for network in self.networks.values():

@@ -79,7 +79,7 @@ def test_prepare_on_an_unready_machine_names_every_problem_and_creates_nothing(c
     [
         ('name = "x"\n[agent]\nimage = "a"\ncolour = 1\n', "agent.colour: unknown key; allowed here: command, env, image"),
         ('name = "x"\n[agent]\nimage = "a"\nenv = { GH_TOKEN = "ghp_x" }\n', "looks like a credential"),
-        ('name = "x"\nbackend = "qemu"\n[agent]\nimage = "a"\n', "unknown backend 'qemu'; installed backends: smolm"),
+        ('name = "x"\nbackend = "qemu"\n[agent]\nimage = "a"\n', "unknown backend 'qemu'; installed backends: docker, smolm"),
         ("name = ", "not valid TOML"),
         ('name = "x"\nbad = ' + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply to be a bottle manifest"),
         ('name = "x"\na = ' + "{b = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply to be a bottle manifest"),
@@ -117,10 +117,12 @@ def test_unexpected_errors_are_one_line_unless_debug(capsys, fake, mocker):
     assert code == 1 and "Traceback" in err
 
 
-def test_backends_lists_smolmachines(capsys):
+def test_backends_lists_both_of_bottles_own(capsys):
     code, out, _ = run(capsys, "backends")
     assert code == 0
-    assert out.startswith("smolmachines  bottle.backends.smolmachines:SmolmachinesBackend  (bottle ")
+    lines = out.splitlines()
+    assert lines[0].startswith("docker  bottle.backends.docker:DockerBackend  (bottle ")
+    assert lines[1].startswith("smolmachines  bottle.backends.smolmachines:SmolmachinesBackend  (bottle ")
 
 
 def test_doctor_reports_and_exits_1_when_something_is_missing(capsys, fake, monkeypatch, tmp_path):

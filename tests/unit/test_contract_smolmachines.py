@@ -1,11 +1,10 @@
 import pytest
 
 from bottle.backends.smolmachines import SmolmachinesBackend
-from bottle import sidecar
 from bottle.backends.smolmachines import launch
 from bottle.manifest import parse_manifest
 from bottle.backends.smolmachines.smolvm import Smolvm
-from bottle.testing.contract import BackendContract
+from bottle.testing.contract import BackendContract, bundle_answers_when_running
 
 
 class TestSmolmachinesContract(BackendContract):
@@ -35,11 +34,4 @@ class TestSmolmachinesContract(BackendContract):
         monkeypatch.setattr(Smolvm, "machines", machines)
         monkeypatch.setattr(launch.probe, "confined", lambda smolvm, plan, timeout: None)
 
-        def accepts(ip, port):
-            return any(
-                c["State"]["Running"] and ep["IPAddress"] == ip
-                for c in docker.engine.containers.values()
-                for ep in c["NetworkSettings"]["Networks"].values()
-            )
-
-        monkeypatch.setattr(sidecar, "_tcp_accepts", accepts)
+        bundle_answers_when_running(monkeypatch, docker)

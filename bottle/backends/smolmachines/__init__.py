@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from ipaddress import IPv4Network
 from typing import TYPE_CHECKING
@@ -15,7 +14,8 @@ from bottle.addressing import host_routes, pool_from_env
 from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.backends.smolmachines.smolvm import find as find_smolvm
-from bottle.errors import EnvironmentProblem, UsageError
+from bottle.errors import EnvironmentProblem
+from bottle.sidecar import seconds_from_env
 from bottle.state import StateStore
 
 if TYPE_CHECKING:
@@ -24,17 +24,6 @@ if TYPE_CHECKING:
     from bottle.manifest import Manifest
 
 __all__ = ["SmolmachinesBackend", "SmolmachinesBottlePlan"]
-
-
-def _seconds_from_env(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    try:
-        seconds = float(text) if text else default
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 86400:
-        raise UsageError(f"{name}={text!r} must be a number of seconds between 0 and 86400")
-    return seconds
 
 
 class SmolmachinesBackend(Backend):
@@ -55,8 +44,8 @@ class SmolmachinesBackend(Backend):
         self.pool = pool or pool_from_env()
         self.routes = host_routes() if routes is None else routes
         self._smolvm = smolvm
-        self.ready_timeout = _seconds_from_env("BOTTLE_READY_TIMEOUT", 30.0)
-        self.probe_timeout = _seconds_from_env("BOTTLE_PROBE_TIMEOUT", 60.0)
+        self.ready_timeout = seconds_from_env("BOTTLE_READY_TIMEOUT", 30.0)
+        self.probe_timeout = seconds_from_env("BOTTLE_PROBE_TIMEOUT", 60.0)
 
     def smolvm(self, state: StateStore | None = None) -> Smolvm | None:
         """The smolvm to drive (see `smolvm.find`), looked up once."""
@@ -109,6 +98,11 @@ class SmolmachinesBackend(Backend):
 
     def attach(self, plan: SmolmachinesBottlePlan, *, tty: bool) -> int:  # type: ignore[override]
         return self._installed_smolvm().attach(plan.machine_name, plan.agent_command, tty=tty)
+
+    def run(self, plan: SmolmachinesBottlePlan, command: list[str], *, docker: docker.DockerClient,  # type: ignore[override]
+            timeout: float) -> tuple[int, str]:  # fmt: skip
+        result = self._installed_smolvm().exec("exec", plan.machine_name, command, timeout=timeout)
+        return result.returncode, result.stdout + result.stderr
 
     def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:
         return launch.down(slug, docker, state, self.smolvm(state))

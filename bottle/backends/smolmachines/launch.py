@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,10 @@ from bottle.backends.smolmachines.prepare import BACKEND, prepare_parts
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.errors import BottleError, StateError, StepFailed
 from bottle.manifest import Manifest
-from bottle.sidecar import resource_name, step
+from bottle.sidecar import Progress, resource_name, step
 from bottle.state import StateStore
 from bottle.undo import Undo
 
-Progress = Callable[[str, str], None]
 LABEL_CONFIG = "bottle.config"  # a digest of what the machine was made from
 # The machine's persistent workload: nothing. The agent is the command `up` attaches with `exec`; an
 # agent image's own ENTRYPOINT/CMD would otherwise start a second agent in the background.

@@ -1,0 +1,274 @@
+"""The docker backend's steps: two networks, the bundle between them, and the agent's hardened container.
+
+The agent's container is attached to one network, `bottle-<slug>`: `internal` (docker gives it no route
+out) and with no address of the host's on it (`inhibit_ipv4`), so the only other thing it can reach is
+the bundle at its pinned IP. The bundle also sits on `bottle-<slug>-egress`, an ordinary bridge that is
+its way out. The container's main process is inert; the agent is the command `attach` runs in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.models.containers import Container
+
+from bottle import sidecar
+from bottle.backend import LABEL_ROLE, BottleStatus, labels
+from bottle.backends.docker.plan import DockerBottlePlan
+from bottle.errors import BottleError, EnvironmentProblem, StepFailed
+from bottle.manifest import Manifest
+from bottle.sidecar import BUNDLE, NetworkSpec, Progress, resource_name, step
+from bottle.state import PLAN_FILE, StateStore
+from bottle.undo import Undo
+
+BACKEND = "docker"
+AGENT = "agent"  # the agent container's role label
+LABEL_CONFIG = "bottle.config"  # a digest of what the agent's container was made from
+WORKDIR = "/workspace"
+# The container's main process: nothing, under docker's init (which reaps what the agent leaves behind).
+WORKLOAD = ["sleep", "2147483647"]
+NOBODY = "65534:65534"
+# No address of the host's on the agent's network: an internal bridge otherwise carries the gateway IP
+# on the host, where every service listening on 0.0.0.0 answers the agent.
+INTERNAL_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
+
+
+def network_specs(slug: str) -> tuple[NetworkSpec, NetworkSpec]:
+    """The agent's network (shared with the bundle alone) and the bundle's egress network."""
+    agent = NetworkSpec(
+        backend=BACKEND, slug=slug, name=resource_name(slug), key=slug, internal=True, options=INTERNAL_OPTIONS,
+        members=frozenset({BUNDLE, AGENT}),
+    )  # fmt: skip
+    egress = NetworkSpec(backend=BACKEND, slug=slug, name=f"{resource_name(slug)}-egress", key=f"{slug}-egress",
+                         role="egress")  # fmt: skip
+    return agent, egress
+
+
+def build_plan(
+    manifest: Manifest, state: StateStore, addresses: tuple[Any, Any], ids: tuple[str | None, str | None]
+) -> DockerBottlePlan:
+    """Assemble the plan from decisions already made; pure."""
+    slug = manifest.slug
+    (inside, out), (inside_id, out_id) = addresses, ids
+    agent, egress = network_specs(slug)
+    workspace = manifest.docker.workspace
+    return DockerBottlePlan(
+        name=manifest.name,
+        slug=slug,
+        network_name=agent.name,
+        network_id=inside_id,
+        bundle_subnet=inside.subnet,
+        bundle_ip=inside.bundle_ip,
+        egress_network_name=egress.name,
+        egress_network_id=out_id,
+        egress_subnet=out.subnet,
+        egress_ip=out.bundle_ip,
+        bundle_container_name=sidecar.bundle_name(slug),
+        bundle_image=manifest.bundle.image,
+        bundle_dir=state.bottle_dir(slug) / "bundle",
+        guest_dir=state.bottle_dir(slug) / "guest",
+        agent_container_name=f"{resource_name(slug)}-agent",
+        agent_image=manifest.agent.image,
+        agent_command=manifest.agent.command,
+        agent_env=sidecar.agent_env(manifest.agent.env | sidecar.placeholders(manifest), inside.bundle_ip),
+        runtime=manifest.docker.runtime,
+        memory=manifest.docker.memory,
+        cpus=manifest.docker.cpus,
+        pids=manifest.docker.pids,
+        user=manifest.docker.user,
+        workspace=Path(workspace).expanduser().absolute() if workspace else None,
+    )
+
+
+def plan(
+    manifest: Manifest, client: docker.DockerClient, state: StateStore, *, pool: IPv4Network, routes: list[IPv4Network]
+) -> DockerBottlePlan:
+    """The plan `prepare` would make now; only lists docker networks."""
+    agent, egress = network_specs(manifest.slug)
+    owner = state.owner()
+    inside, inside_id = sidecar.planned_addresses(client, agent, owner, pool, routes)
+    out, out_id = sidecar.planned_addresses(client, egress, owner, pool, routes, also_taken=[inside.subnet])
+    return build_plan(manifest, state, (inside, out), (inside_id, out_id))
+
+
+def prepare_parts(
+    manifest: Manifest, client: docker.DockerClient, state: StateStore, undo: Undo, *, pool: IPv4Network,
+    routes: list[IPv4Network],
+) -> DockerBottlePlan:  # fmt: skip
+    """Do `prepare` and save the plan; push onto `undo` how to remove what this call created."""
+    slug = manifest.slug
+    if state.read(state.bottle_dir(slug) / PLAN_FILE) is None:
+        undo.push(f"state {state.bottle_dir(slug)}", lambda: state.remove_bottle(slug))
+    owner = state.owner(create=True)
+    agent, egress = (sidecar.ensure_network(client, spec, owner, pool, routes, undo) for spec in network_specs(slug))
+    inside, out = sidecar.adopted_addresses(agent), sidecar.adopted_addresses(egress)
+    if agent.attrs.get("Internal") is not True:
+        raise BottleError(f"docker network {agent.name} is not internal; remove it (`bottle down {slug}`) and try again")
+    result = build_plan(manifest, state, (inside, out), (agent.id, egress.id))
+    sidecar.write_bundle_files(manifest, state, result.bundle_dir, result.guest_dir, [inside.subnet, out.subnet])
+    state.save_plan(result)
+    return result
+
+
+def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, **options: Any) -> DockerBottlePlan:
+    """Create the bottle's networks (or adopt them), write its bundle config and CA, save its plan."""
+    undo = Undo()
+    try:
+        return prepare_parts(manifest, client, state, undo, **options)
+    except Exception as exc:
+        if left := undo.leftovers(manifest.slug):
+            raise BottleError(f"{exc}; {left}") from exc
+        raise
+    except BaseException:
+        undo.run()
+        raise
+
+
+def ensure_image(client: docker.DockerClient, image: str, on_step: Progress) -> Any:
+    """The agent's image: the local one, or pulled once if docker does not have it."""
+    try:
+        return client.images.get(image)
+    except docker.errors.ImageNotFound:
+        on_step("image", f"pulling {image}")
+    try:
+        return client.images.pull(image)
+    except docker.errors.APIError as exc:
+        raise StepFailed("image", f"the agent image '{image}' is not on this machine and could not be pulled "
+                                  f"({exc.explanation}); build or load it first") from None  # fmt: skip
+
+
+def agent_user(plan: DockerBottlePlan, image: Any) -> str:
+    """Who the agent runs as: the manifest's user; else yours (when you are not root), so files in the
+    workspace are yours; else the image's own user if it is not root; else nobody. Never root."""
+    if plan.user:
+        return plan.user
+    if os.getuid() != 0:
+        return f"{os.getuid()}:{os.getgid()}"
+    user = (image.attrs.get("Config") or {}).get("User") or ""
+    return user if user and user.split(":")[0] not in {"0", "root"} else NOBODY
+
+
+def agent_container_spec(plan: DockerBottlePlan, user: str, owner: str) -> dict[str, Any]:
+    """Everything the agent's container is created with: one internal network, nothing of the host's."""
+    env = {"HOME": WORKDIR} | plan.agent_env  # a read-only root leaves the workspace as the one home
+    if plan.workspace is not None:
+        workspace = {"volumes": {str(plan.workspace): {"bind": WORKDIR, "mode": "rw"}}, "tmpfs": {}}
+    else:
+        workspace = {"volumes": {}, "tmpfs": {WORKDIR: "size=1g,mode=1777"}}
+    spec: dict[str, Any] = {
+        "image": plan.agent_image,
+        "name": plan.agent_container_name,
+        "entrypoint": WORKLOAD[:1],
+        "command": WORKLOAD[1:],
+        "labels": labels(plan.slug, BACKEND, owner) | {LABEL_ROLE: AGENT},
+        "environment": env,
+        "user": user,  # (no working_dir: docker would make /workspace 0755 under the tmpfs; exec sets it)
+        "network": plan.network_name,
+        "dns": [str(plan.bundle_ip)],  # the bundle refuses every query and logs it
+        "volumes": {str(plan.guest_dir / "ca.pem"): {"bind": sidecar.GUEST_CA_PATH, "mode": "ro"}}
+        | workspace["volumes"],
+        "tmpfs": {"/tmp": "size=512m,mode=1777"} | workspace["tmpfs"],
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "sysctls": {"net.ipv6.conf.all.disable_ipv6": "1"},  # the bundle is IPv4; no link-local paths either
+        "ipc_mode": "private",
+        "init": True,
+        "pids_limit": plan.pids,
+        "mem_limit": plan.memory,
+        "memswap_limit": plan.memory,
+        "nano_cpus": int(plan.cpus * 1e9),
+        "runtime": plan.runtime,
+        "log_config": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    spec["labels"] = spec["labels"] | {LABEL_CONFIG: digest}
+    return spec
+
+
+def ensure_agent(client: docker.DockerClient, plan: DockerBottlePlan, owner: str, undo: Undo, on_step: Progress) -> None:
+    """Run the agent's container; adopt it only if it runs and was made from exactly this plan."""
+    image = ensure_image(client, plan.agent_image, on_step)
+    if plan.runtime is not None and plan.runtime not in (client.info().get("Runtimes") or {}):
+        raise StepFailed("agent", f"the Docker Engine has no runtime named '{plan.runtime}'; register it in the "
+                                  "Engine's daemon.json (`bottle doctor` lists the registered ones)")  # fmt: skip
+    if plan.workspace is not None and not plan.workspace.is_dir():
+        raise StepFailed("agent", f"the workspace {plan.workspace} is not a directory; create it or fix "
+                                  "[docker] workspace")  # fmt: skip
+    spec = agent_container_spec(plan, agent_user(plan, image), owner)
+    found = sidecar.find_container(client, plan.agent_container_name, BACKEND, plan.slug, AGENT, owner)
+    if found is not None:
+        if found.status == "running" and found.labels.get(LABEL_CONFIG) == spec["labels"][LABEL_CONFIG]:
+            return
+        on_step("agent", f"{found.name} is not running or differs from the plan; making it anew")
+        found.remove(force=True)
+    container: Container = client.containers.create(**spec)
+    undo.push(f"container {container.name}", lambda: container.remove(force=True))
+    try:
+        container.start()
+    except docker.errors.APIError as exc:
+        raise StepFailed("agent", f"docker could not start the agent's container: {exc.explanation}") from None
+
+
+def up(
+    manifest: Manifest, client: docker.DockerClient, state: StateStore, *, prepare_options: dict[str, Any],
+    on_step: Progress, ready_timeout: float,
+) -> DockerBottlePlan:  # fmt: skip
+    """Bring the bottle up, or adopt the parts that are already up; undo this run's work on any failure."""
+    undo = Undo()
+    try:
+        plan = step("network", lambda: prepare_parts(manifest, client, state, undo, **prepare_options))
+        owner = state.owner(create=True)
+        on_step("network", f"{plan.network_name} {plan.bundle_subnet} (internal), {plan.egress_network_name}")
+        step("secrets", lambda: sidecar.write_secrets(manifest, plan.bundle_dir, state))
+        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, undo))
+        on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
+        step("bundle ready", lambda: sidecar.wait_until_ready(client, plan.bundle_container_name, plan.egress_ip,
+                                                              ready_timeout))  # fmt: skip
+        on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
+        step("agent", lambda: ensure_agent(client, plan, owner, undo, on_step))
+        on_step("agent", f"{plan.agent_container_name} on {plan.network_name} only")
+    except BaseException as exc:
+        left = undo.leftovers(manifest.slug)
+        if isinstance(exc, StepFailed):
+            raise StepFailed(exc.step, f"{exc.reason}; {left or 'what this run created was removed'}") from exc
+        raise
+    return plan
+
+
+def attach(plan: DockerBottlePlan, *, tty: bool) -> int:
+    """Run the agent's command in its container with the user's terminal attached (`docker exec`)."""
+    cli = shutil.which("docker")
+    if cli is None:
+        raise EnvironmentProblem(
+            f"attaching needs the docker command on PATH; the bottle is up: `docker exec -it "
+            f"{plan.agent_container_name} {' '.join(plan.agent_command)}` is what it would run"
+        )
+    flags = ["-i", "-t"] if tty else ["-i"]
+    argv = [cli, "exec", *flags, "-w", WORKDIR, plan.agent_container_name, *plan.agent_command]
+    return subprocess.run(argv).returncode
+
+
+def run(client: docker.DockerClient, plan: DockerBottlePlan, command: list[str], timeout: float) -> tuple[int, str]:
+    """Run `command` in the agent's container, without a terminal; its exit code and output."""
+    container = client.containers.get(plan.agent_container_name)
+    result = container.exec_run(["timeout", str(max(1, int(timeout))), *command], workdir=WORKDIR)
+    return result.exit_code, (result.output or b"").decode(errors="replace")
+
+
+def down(slug: str, client: docker.DockerClient, state: StateStore) -> list[str]:
+    return sidecar.down(slug, client, state, BACKEND)
+
+
+def inventory(client: docker.DockerClient, state: StateStore) -> list[BottleStatus]:
+    found = sidecar.survey_bottles(client, state, BACKEND, DockerBottlePlan)
+    parts = ["network", "egress-network", "bundle", "agent"]
+    return sidecar.statuses(found, BACKEND, parts, lambda plan: str(plan.bundle_ip))
