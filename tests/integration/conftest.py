@@ -12,9 +12,11 @@ from bottle.backend import LABEL_SLUG
 from bottle.backends.smolmachines.smolvm import Smolvm, wheel_engine
 from bottle.state import StateStore
 from bottle.testing import fake_smolvm
-from bottle.testing.images import MUTE_IMAGE, READY_IMAGE, build_test_bundle
+from bottle.bundle.build import build
+from bottle.testing.images import MUTE_IMAGE, READY_IMAGE, build_python_base, build_test_bundle
 
 TEST_LABEL = "bottle.test"  # on every resource a test makes itself, so a leak is findable
+BUNDLE_IMAGE = "bottle-test-bundle:real"
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +53,22 @@ def slug(engine):
     yield value
     _sweep(engine, f"{LABEL_SLUG}={value}")
     _sweep(engine, f"{TEST_LABEL}={value}")
+
+
+@pytest.fixture(scope="session")
+def python_base(engine) -> str:
+    """A Debian image with Python, made with debootstrap (cached by tag)."""
+    try:
+        return build_python_base(engine)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"cannot build the Python base image: {exc}")
+
+
+@pytest.fixture(scope="session")
+def bundle_image(engine, python_base) -> str:
+    """The bundle image built from this checkout (docker's layer cache keeps rebuilds quick)."""
+    build(engine, base=python_base, tag=BUNDLE_IMAGE)
+    return BUNDLE_IMAGE
 
 
 @pytest.fixture(scope="session")

@@ -2,29 +2,14 @@
 client container on the bottle's network to reach a decoy upstream container of the test's own."""
 
 import json
-import subprocess
 
 import docker
 import pytest
 from docker.types import IPAMConfig, IPAMPool
 
 from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
-from bottle.bundle.build import build
-from bottle.testing.images import READY_IMAGE, build_python_base
+from bottle.testing.images import READY_IMAGE
 from tests.integration.conftest import TEST_LABEL, bottle
-
-BUNDLE_IMAGE = "bottle-test-bundle:real"
-
-
-@pytest.fixture(scope="session")
-def bundle_image(engine, bundle_images):
-    """The bundle image built from this checkout (docker's layer cache keeps rebuilds quick)."""
-    try:
-        base = build_python_base(engine)
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
-        pytest.fail(f"cannot build the Python base image for the bundle: {exc}")
-    build(engine, base=base, tag=BUNDLE_IMAGE)
-    return BUNDLE_IMAGE
 
 
 @pytest.fixture
