@@ -2,7 +2,11 @@
 
 Run: .venv/bin/python benchmarks/lifecycle.py [--rounds N]
 
-1. `up --detach` + `down` (in-process, the same code the CLI runs) against the bare Docker SDK calls
+0. The docker backend: `up --detach` + `down` against the bare Docker SDK calls it makes (two networks,
+   the bundle at its pinned IPs, the wait for its port, the agent's container; then removing them), as
+   a ratio measured in the same run, rounds interleaved; and the time from calling `up` to the end of
+   the agent's first command inside its container (`true`, by exec), absolute.
+1. smolmachines: `up --detach` + `down` (in-process, the same code the CLI runs) against the bare Docker SDK calls
    it makes (network create, container create + start at a pinned IP, wait for the port, remove
    both), as a ratio measured in the same run, rounds interleaved. smolvm's own time (the real binary's
    create/ls/delete, and the fake VM's start and the probe's exec) is shown apart; a real VM adds its
@@ -29,13 +33,14 @@ from pathlib import Path
 import docker
 from docker.types import IPAMConfig, IPAMPool
 
-from bottle.backend import LABEL_SLUG, PreflightReport
-from bottle.backends.smolmachines import SmolmachinesBackend
 from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
-from bottle.backends.smolmachines.smolvm import Smolvm
+from bottle.backend import LABEL_SLUG, PreflightReport
+from bottle.backends.docker import DockerBackend
+from bottle.backends.docker.launch import INTERNAL_OPTIONS
+from bottle.backends.smolmachines import SmolmachinesBackend
+from bottle.backends.smolmachines.smolvm import Smolvm, wheel_engine
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore
-from bottle.backends.smolmachines.smolvm import wheel_engine
 from bottle.testing import fake_smolvm
 from bottle.testing.images import READY_IMAGE, build_test_bundle
 
@@ -48,6 +53,73 @@ def manifest(name: str):
 
 def quiet(step: str, detail: str) -> None:
     pass
+
+
+def wait_for_port(ip: str, port: int = 8888) -> None:
+    while True:
+        try:
+            socket.create_connection((ip, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def docker_bare_round(client: docker.DockerClient, name: str) -> float:
+    """What a docker bottle's `up` + `down` do in docker, without bottle."""
+    taken = [s for n in client.networks.list() for s in ipv4_subnets(n.attrs)] + host_routes()
+    inside = derive_subnet(name, DEFAULT_POOL, taken)
+    out = derive_subnet(f"{name}-egress", DEFAULT_POOL, [*taken, inside])
+    label = {"bottle.test": "bench"}
+    start = time.perf_counter()
+    networks = []
+    for net_name, subnet, internal in ((name, inside, True), (f"{name}-egress", out, False)):
+        ipam = IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=str(subnet.network_address + 1))])
+        networks.append(client.networks.create(net_name, driver="bridge", ipam=ipam, labels=label, internal=internal,
+                                                options=INTERNAL_OPTIONS if internal else {}))  # fmt: skip
+    endpoint = {name: client.api.create_endpoint_config(ipv4_address=str(inside.network_address + 2))}
+    bundle = client.containers.create(READY_IMAGE, name=f"{name}-bundle", network=name, networking_config=endpoint,
+                                      labels=label, read_only=True, cap_drop=["ALL"])  # fmt: skip
+    networks[1].connect(bundle, ipv4_address=str(out.network_address + 2))
+    bundle.start()
+    wait_for_port(str(out.network_address + 2))
+    agent = client.containers.create(
+        READY_IMAGE, name=f"{name}-agent", entrypoint=["sleep"], command=["2147483647"], network=name, labels=label,
+        read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True, pids_limit=1024,
+        mem_limit="2g", tmpfs={"/tmp": "size=512m", "/workspace": "size=1g"}, dns=[str(inside.network_address + 2)],
+        sysctls={"net.ipv6.conf.all.disable_ipv6": "1"},
+    )  # fmt: skip
+    agent.start()
+    for container in (agent, bundle):
+        container.remove(force=True)
+    for network in networks:
+        network.remove()
+    return time.perf_counter() - start
+
+
+def docker_figures(client: docker.DockerClient, state: StateStore, rounds: int, run: str) -> None:
+    backend = DockerBackend()
+    report = backend.preflight(docker=client)
+
+    def docker_manifest(name: str):
+        return parse_manifest({"name": name, "backend": "docker", "agent": {"image": READY_IMAGE},
+                               "bundle": {"image": READY_IMAGE}})  # fmt: skip
+
+    bare, ours, first = [], [], []
+    for i in range(rounds):
+        bare.append(docker_bare_round(client, f"bench-dbare-{run}-{i}"))
+        name = f"bench-d-{run}-{i}"
+        start = time.perf_counter()
+        plan = backend.up(docker_manifest(name), docker=client, state=state, preflight=report, on_step=quiet)
+        up_done = time.perf_counter()
+        code, _ = backend.run(plan, ["true"], docker=client, timeout=30)
+        first_done = time.perf_counter()
+        assert code == 0
+        backend.down(name, docker=client, state=state)
+        ours.append((up_done - start) + (time.perf_counter() - first_done))
+        first.append(first_done - start)
+    b, o, f = (statistics.median(x) * 1000 for x in (bare, ours, first))
+    print(f"docker: up --detach + down, median of {rounds}: bare SDK {b:.0f} ms, bottle {o:.0f} ms (x{o / b:.2f}); "
+          f"from up to the end of the agent's first command: {f:.0f} ms")
 
 
 def bare_sdk_round(client: docker.DockerClient, name: str) -> float:
@@ -63,12 +135,7 @@ def bare_sdk_round(client: docker.DockerClient, name: str) -> float:
         READY_IMAGE, name=name, network=name, networking_config=endpoint, labels={"bottle.test": "bench"}
     )
     container.start()
-    while True:
-        try:
-            socket.create_connection((ip, 8888), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(ip)
     container.remove(force=True)
     network.remove()
     return time.perf_counter() - start
@@ -145,6 +212,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--only", choices=["docker", "smolmachines"], help="Measure one backend only.")
     args = parser.parse_args()
     client = docker.from_env()
     build_test_bundle(client, READY_IMAGE)
@@ -158,8 +226,11 @@ def main() -> None:
         os.environ["BOTTLE_SMOLVM"] = str(fake_smolvm.install(Path(tmp) / "bin", smolvm_state, real, READY_IMAGE))
         backend = SmolmachinesBackend()
         try:
-            lifecycle_ratio(client, backend, state, args.rounds, run)
-            ls_scaling(client, backend, state, run)
+            if args.only != "smolmachines":
+                docker_figures(client, state, args.rounds, run)
+            if args.only != "docker":
+                lifecycle_ratio(client, backend, state, args.rounds, run)
+                ls_scaling(client, backend, state, run)
         finally:
             fake_smolvm.cleanup(smolvm_state)
             for label in ("bottle.test=bench", LABEL_SLUG):
