@@ -161,11 +161,17 @@ def down(name: str) -> None:
     client = docker_client()
     state = StateStore()
     removed: list[str] = []
+    failed: list[str] = []
     with _terminate_as_interrupt(), state.lock(slug):
-        for backend_name in registry.available():
-            removed += registry.load(backend_name)().down(slug, docker=client, state=state)
+        for backend_name in registry.available():  # every backend, even when one of them fails
+            try:
+                removed += registry.load(backend_name)().down(slug, docker=client, state=state)
+            except BottleError as exc:
+                failed.append(str(exc))
     for thing in removed:
         click.echo(f"removed {thing}")
+    if failed:
+        raise BottleError("; ".join(failed))
     if not removed:
         click.echo(f"bottle '{slug}': nothing to remove")
 

@@ -434,6 +434,12 @@ def down(
             done.append(f"network {network.name}")
 
     def files(done: list[str]) -> None:
+        try:
+            made_by = (state.read_plan_data(slug) or {}).get("backend", backend)
+        except StateError:
+            made_by = backend  # a plan that cannot be read is removed by whichever backend gets there
+        if made_by != backend:
+            return  # another backend's bottle: its own `down` removes its state
         if failed:  # keep what proves the rest is ours, so that `bottle down` can try again
             failed.append(f"state: kept {state.bottle_dir(slug)} until the rest is removed")
         elif (path := state.remove_bottle(slug)) is not None:

@@ -21,6 +21,7 @@ Test controls, set with `control(state_dir, ...)` (bottle does not pass test var
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -174,8 +175,12 @@ class _Fake:
         name = _flag(args, "--name", "-n") or "default"
         smolfile = _flag(args, "--smolfile", "-s")
         env = tomllib.loads(Path(smolfile).read_text()).get("env", []) if smolfile else []
-        envs = self.envs() | {name: env + [v for i, v in enumerate(args) if i and args[i - 1] in ("-e", "--env")]}
-        self.env_file.write_text(json.dumps(envs))
+        given = env + [v for i, v in enumerate(args) if i and args[i - 1] in ("-e", "--env")]
+        with open(self.root / "env.lock", "w") as lock:  # creates run at once: one read-modify-write at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            partial = self.env_file.with_suffix(f".{os.getpid()}")
+            partial.write_text(json.dumps(self.envs() | {name: given}))
+            os.replace(partial, self.env_file)
 
 
 def _flag(args: list[str], *names: str) -> str | None:
