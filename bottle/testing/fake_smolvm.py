@@ -4,7 +4,8 @@ Every command the real smolvm answers without a boot (`--version`, `machine crea
 `delete`, and every argument, Smolfile and error check, `exec`'s included) goes to the real binary,
 with its state in the fake's own directory. Only what needs a booted VM is simulated:
 - `machine start` runs a stand-in container (`vm_image`) on the docker network that holds the
-  machine's allowed CIDR, resolving through the machine's `dns`, and confines its network to what the
+  machine's allowed CIDR, with the Smolfile's volumes mounted, resolving through the machine's `dns`,
+  and confines its network to what the
   real smolvm recorded: outbound traffic only to `allowed_cidrs` (iptables in the container's network
   namespace, so this needs root), everything else rejected, no IPv6;
 - `machine exec` runs the command in that container, with the Smolfile's env; its exit code is the
@@ -113,7 +114,8 @@ class _Fake:
     def remove(self, name: str) -> None:
         subprocess.run(["docker", "rm", "-f", self.container(name)], capture_output=True, check=False)
 
-    def envs(self) -> dict[str, list[str]]:
+    def made(self) -> dict[str, dict[str, list[str]]]:
+        """What each machine was created with that the boot needs: its `env` and its `volumes`."""
         return json.loads(self.env_file.read_text()) if self.env_file.exists() else {}
 
     def start(self, name: str) -> int:
@@ -127,9 +129,10 @@ class _Fake:
         if network is None:
             return _error("SMOLVM_ERROR", "fake: no docker network holds the machine's allowed CIDR")
         dns = ["--dns", machine["dns"]] if machine.get("dns") else []
+        volumes = [arg for volume in self.made().get(name, {}).get("volumes", []) for arg in ("-v", volume)]
         subprocess.run(
             ["docker", "run", "-d", "--name", self.container(name), "--label", "bottle.test=fake-vm",
-             "--network", "none", *dns, "--entrypoint", "/bin/sleep", self.vm_image, "2147483647"],
+             "--network", "none", *dns, *volumes, "--entrypoint", "/bin/sleep", self.vm_image, "2147483647"],
             capture_output=True, check=True,
         )  # fmt: skip
         pid = self.running(name) or 0
@@ -146,7 +149,7 @@ class _Fake:
             sys.stdout.write(result.stdout)
             sys.stderr.write(result.stderr)
             return result.returncode
-        env = [arg for entry in self.envs().get(name, []) for arg in ("-e", entry)]
+        env = [arg for entry in self.made().get(name, {}).get("env", []) for arg in ("-e", entry)]
         tty = ["-t"] if "-t" in args or "--tty" in args else []
         return subprocess.run(["docker", "exec", "-i", *tty, *env, self.container(name), *command],
                               check=False).returncode  # fmt: skip
@@ -157,7 +160,7 @@ class _Fake:
         if result.returncode == 0 and words[1:2] in (["ls"], ["list"], ["status"]) and "--json" in args:
             out = json.dumps(self.patched(json.loads(out)), indent=2) + "\n"
         if result.returncode == 0 and words[1:2] == ["create"]:
-            self.remember_env(args)
+            self.remember(args)
         if result.returncode == 0 and words[1:2] == ["delete"]:
             self.remove(_flag(args, "--name", "-n") or "default")
         sys.stdout.write(out)
@@ -171,15 +174,17 @@ class _Fake:
                 machine["state"], machine["pid"] = "running", pid
         return listed
 
-    def remember_env(self, args: list[str]) -> None:
+    def remember(self, args: list[str]) -> None:
         name = _flag(args, "--name", "-n") or "default"
         smolfile = _flag(args, "--smolfile", "-s")
-        env = tomllib.loads(Path(smolfile).read_text()).get("env", []) if smolfile else []
-        given = env + [v for i, v in enumerate(args) if i and args[i - 1] in ("-e", "--env")]
+        data = tomllib.loads(Path(smolfile).read_text()) if smolfile else {}
+        env, volumes = data.get("env", []), data.get("volumes", [])
+        given = {"env": env + [v for i, v in enumerate(args) if i and args[i - 1] in ("-e", "--env")],
+                 "volumes": volumes + [v for i, v in enumerate(args) if i and args[i - 1] in ("-v", "--volume")]}
         with open(self.root / "env.lock", "w") as lock:  # creates run at once: one read-modify-write at a time
             fcntl.flock(lock, fcntl.LOCK_EX)
             partial = self.env_file.with_suffix(f".{os.getpid()}")
-            partial.write_text(json.dumps(self.envs() | {name: given}))
+            partial.write_text(json.dumps(self.made() | {name: given}))
             os.replace(partial, self.env_file)
 
 
