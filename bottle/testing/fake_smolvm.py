@@ -5,9 +5,9 @@ Every command the real smolvm answers without a boot (`--version`, `machine crea
 with its state in the fake's own directory. Only what needs a booted VM is simulated:
 - `machine start` runs a stand-in container (`vm_image`) on the docker network that holds the
   machine's allowed CIDR, with the Smolfile's volumes mounted, resolving through the machine's `dns`,
-  and confines its network to what the
-  real smolvm recorded: outbound traffic only to `allowed_cidrs` (iptables in the container's network
-  namespace, so this needs root), everything else rejected, no IPv6;
+  and confines its network to what the real smolvm recorded: outbound traffic only to `allowed_cidrs`
+  (iptables in the container's network namespace, so this needs root), everything else rejected, no
+  IPv6;
 - `machine exec` runs the command in that container, with the Smolfile's env; its exit code is the
   command's; `machine stop` and `delete` remove the container.
 `ls`/`status` report a machine with a running stand-in as `running`. So the fake's claims about what
