@@ -251,7 +251,17 @@ def gc(dry_run: bool) -> None:
         raise BottleError(f"could not collect {', '.join(failed)}; the lines above say why")
 
 
+def _printable(text: str) -> str:
+    """`text` with every character a terminal would act on (escape sequences, control characters)
+    shown as an escape instead: audit fields come from the agent, which must not draw on your terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _format_audit(entry: dict[str, Any]) -> str:
+    return _printable(_audit_line(entry))
+
+
+def _audit_line(entry: dict[str, Any]) -> str:
     if entry.get("event") == "dns":
         what = entry.get("name") or entry.get("reason")
         kind = f" (type {entry['qtype']})" if entry.get("qtype") is not None else ""

@@ -185,16 +185,16 @@ class DockerConfig(_Strict):
     memory: str = Field(default="2g", pattern=r"^[1-9][0-9]*[kmg]?$")  # as `docker run --memory` takes it
     cpus: float = Field(default=2.0, gt=0, le=256)
     pids: int = Field(default=1024, ge=16, le=1_000_000)
-    # "uid:gid" or a user name in the image; None: your own uid:gid, or nobody when bottle runs as root.
-    user: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+    # A numeric "uid:gid" (a name could be root in the image's passwd); None: yours, or nobody's as root.
+    user: str | None = Field(default=None, pattern=r"^[0-9]+:[0-9]+$")
     # A host directory mounted read-write at /workspace; None: /workspace is a tmpfs gone at `down`.
     workspace: str | None = None
 
     @field_validator("user")
     @classmethod
     def _not_root(cls, user: str | None) -> str | None:
-        if user is not None and user.split(":")[0] in {"0", "root"}:
-            raise ValueError("the agent never runs as root; name another user, or leave it out")
+        if user is not None and 0 in (int(part) for part in user.split(":")):
+            raise ValueError("the agent never runs as root (uid or gid 0); name another uid:gid, or leave it out")
         return user
 
 

@@ -7,6 +7,8 @@ takes the backend's name, since that name is part of the labels that make a reso
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -44,6 +46,7 @@ GUEST_CA_PATH = f"{GUEST_DIR}/ca.pem"
 NO_PROXY = "localhost,127.0.0.1,::1"  # loopback stays with the agent; everything else goes to the bundle
 CREATE_ATTEMPTS = 10
 BUNDLE = "bundle"  # the bundle container's role label
+LABEL_CONFIG = "bottle.config"  # a digest of what a container was made from; one that differs is made anew
 
 
 def seconds_from_env(name: str, default: float) -> float:
@@ -330,19 +333,36 @@ class BundleSite(BaseModel):
     egress_ip: IPv4Address | None = None  # its pinned address there
 
 
-def start_bundle(client: docker.DockerClient, site: BundleSite, owner: str, undo: Undo) -> Container:
-    """Run the bundle at its pinned IP, config mounted read-only; adopt it if it is already there."""
+def bundle_digest(state: StateStore, site: BundleSite, image_id: str) -> str:
+    """What the running bundle was started with: its config, secrets, image and place, as a keyed digest.
+
+    The key is the bottle's CA (private to the state directory), so the label shows no secret, not even
+    to someone who could guess one and hash it.
+    """
+    key = state.read(site.bundle_dir / CA_DIR / CA_FILE) or b""
+    made_from = [state.read(site.bundle_dir / name) or b"" for name in (CONFIG_FILE, SECRETS_FILE)]
+    made_from += [image_id.encode(), site.model_dump_json().encode()]
+    return hmac.new(key, b"\0".join(made_from), hashlib.sha256).hexdigest()[:32]
+
+
+def start_bundle(client: docker.DockerClient, site: BundleSite, owner: str, state: StateStore, undo: Undo) -> Container:
+    """Run the bundle at its pinned IP, config mounted read-only; adopt it if it runs with exactly this
+    config, secrets and image (the policy of a changed manifest takes effect at the next `up`)."""
+    require_image(client, site.image, "bundle start", "bundle")
+    digest = bundle_digest(state, site, client.images.get(site.image).id)
     container = find_container(client, site.container_name, site.backend, site.slug, BUNDLE, owner)
     if container is not None:
-        if container.status != "running":
-            container.start()
-        return container
-    require_image(client, site.image, "bundle start", "bundle")
+        if container.labels.get(LABEL_CONFIG) == digest:
+            if container.status != "running":
+                container.start()
+            return container
+        container.remove(force=True)  # made from another config, secret or image: start it anew
     endpoint = client.api.create_endpoint_config(ipv4_address=str(site.ip))
+    cpus = min(2, os.cpu_count() or 1)
     container = client.containers.create(
         site.image,
         name=site.container_name,
-        labels=labels(site.slug, site.backend, owner) | {LABEL_ROLE: BUNDLE},
+        labels=labels(site.slug, site.backend, owner) | {LABEL_ROLE: BUNDLE, LABEL_CONFIG: digest},
         network=site.network_name,
         networking_config={site.network_name: endpoint},
         volumes={str(site.bundle_dir): {"bind": "/etc/bottle", "mode": "ro"}},
@@ -355,6 +375,12 @@ def start_bundle(client: docker.DockerClient, site: BundleSite, owner: str, undo
         restart_policy={"Name": "unless-stopped"},
         # The audit log is the container's stdout: an agent flooding the bundle must not fill the host's disk.
         log_config={"Type": "json-file", "Config": {"max-size": "50m", "max-file": "5"}},
+        # Nor its memory, processes or CPUs; the bundle forwards nothing it does not proxy.
+        mem_limit="1g",
+        memswap_limit="1g",
+        pids_limit=256,
+        nano_cpus=int(cpus * 1e9),
+        sysctls={"net.ipv4.ip_forward": "0"},
     )
     undo.push(f"container {container.name}", lambda: container.remove(force=True))
     try:

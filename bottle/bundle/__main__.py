@@ -22,6 +22,9 @@ from bottle.bundle.ca import CA_FILE, split_ca
 from bottle.bundle.dns import listen as listen_dns
 from bottle.bundle.policy import BundleConfig, Policy, Resolver, is_header_value, resolve
 
+# The largest request or response body the proxy holds (mitmproxy buffers a body before bottle's policy
+# sees it): larger ones are refused, so no agent can grow the bundle past its memory limit with one.
+BODY_SIZE_LIMIT = "128m"
 CONFIG_DIR = Path(os.environ.get("BOTTLE_BUNDLE_DIR", "/etc/bottle"))
 
 
@@ -85,7 +88,8 @@ async def serve(
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
         # rawtcp off: inside a tunnel, anything that is not TLS is parsed as HTTP and meets the policy,
         # never relayed as raw bytes past it.
-        master.options.update(connection_strategy="lazy", termlog_verbosity="warn", ssl_insecure=False, rawtcp=False)
+        master.options.update(connection_strategy="lazy", termlog_verbosity="warn", ssl_insecure=False, rawtcp=False,
+                              body_size_limit=BODY_SIZE_LIMIT)  # fmt: skip
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
@@ -97,6 +101,10 @@ async def serve(
 
 
 def main() -> int:
+    if sys.argv[1:] == ["noroute"]:  # run by the docker backend in the agent's network namespace
+        from bottle.bundle import noroute
+
+        return noroute.main()
     try:
         config = BundleConfig.load(CONFIG_DIR / CONFIG_FILE)
         secrets = load_secrets(CONFIG_DIR / SECRETS_FILE, config)

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_network
 from typing import Any
 
 import docker
@@ -72,6 +72,7 @@ def tcp(host, port):
 def udp(host, port):
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             s.settimeout(2)
             s.sendto(b"bottle-confinement", (host, port))
             return "answered: " + s.recv(512).hex()
@@ -387,6 +388,12 @@ class ConfinementSuite:
             for op in ("tcp", "udp"):
                 got = self.probe(backend, engine, bottle, op=op, host=gateway, port=bottle.listener_port)
                 assert got != "open" and not got.startswith("answered"), (network, gateway, op, got)
+        self.nothing_seen(bottle)
+
+    def test_no_broadcast_reaches_the_host(self, backend, engine, bottle) -> None:
+        subnet_broadcast = str(ip_network(f"{bottle.plan.bundle_ip}/24", strict=False).broadcast_address)
+        for target in ("255.255.255.255", subnet_broadcast):
+            self.probe(backend, engine, bottle, op="udp", host=target, port=bottle.listener_port)
         self.nothing_seen(bottle)
 
     def test_no_port_the_host_publishes_is_reached(self, backend, engine, bottle) -> None:

@@ -97,6 +97,7 @@ class FakeEngine:
             ("GET", r"/containers/(?P<ref>[^/]+)/json", self._inspect_container),
             ("POST", r"/containers/(?P<ref>[^/]+)/start", self._start_container),
             ("POST", r"/containers/(?P<ref>[^/]+)/stop", self._stop_container),
+            ("POST", r"/containers/(?P<ref>[^/]+)/wait", self._wait_container),
             ("GET", r"/containers/(?P<ref>[^/]+)/logs", self._container_logs),
             ("DELETE", r"/containers/(?P<ref>[^/]+)", self._remove_container),
         ]
@@ -260,6 +261,9 @@ class FakeEngine:
         mode = host.get("NetworkMode")
         if mode and mode not in {"default", "bridge", "host", "none"} and not mode.startswith("container:"):
             endpoints.setdefault(mode, {})  # the Engine attaches the container to its NetworkMode network
+        if mode and mode.startswith("container:"):
+            self.find_container(mode.removeprefix("container:"))  # joins that container's namespace
+        host = {"LogConfig": {"Type": "json-file", "Config": {}}} | host
         self.containers[container_id] = {
             "Id": container_id,
             "Name": f"/{name or container_id[:12]}",
@@ -321,6 +325,13 @@ class FakeEngine:
             self._join(container, network, endpoint)
         networks[network["Name"]] = endpoint
         return 200, None
+
+    def _wait_container(self, ref: str, **_: Any) -> tuple[int, Any]:
+        """A fake container's process ends as soon as it is waited for, successfully."""
+        container = self.find_container(ref)
+        self._detach(container)
+        container["State"].update(Status="exited", Running=False, ExitCode=0)
+        return 200, {"StatusCode": 0, "Error": None}
 
     def _detach(self, container: dict[str, Any]) -> None:
         for network in self.networks.values():

@@ -181,3 +181,14 @@ def test_file_errors_name_the_file(tmp_path):
     bad.write_text('name = "x"\n')
     with pytest.raises(ManifestError, match=r"^.*bad.toml: agent: required key is missing$"):
         load_manifest(bad)
+
+
+@pytest.mark.parametrize("user", ["0:0", "00:1000", "1000:0", "0000:00", "root", "1000", "node:node", "-1:5"])
+def test_the_docker_user_is_a_numeric_uid_gid_and_never_root(user):
+    assert "docker.user" in error_of(minimal(docker={"user": user}))
+
+
+def test_docker_settings_have_sane_defaults_and_take_numbers():
+    docker = parse_manifest(minimal(docker={"user": "1000:1000", "cpus": 1.5, "memory": "512m"})).docker
+    assert (docker.user, docker.cpus, docker.memory, docker.pids, docker.runtime) == ("1000:1000", 1.5, "512m", 1024, None)
+    assert parse_manifest(minimal()).docker.workspace is None

@@ -25,13 +25,12 @@ from bottle.backend import LABEL_ROLE, BottleStatus, labels
 from bottle.backends.docker.plan import DockerBottlePlan
 from bottle.errors import BottleError, EnvironmentProblem, StepFailed
 from bottle.manifest import Manifest
-from bottle.sidecar import BUNDLE, NetworkSpec, Progress, resource_name, step
+from bottle.sidecar import BUNDLE, LABEL_CONFIG, NetworkSpec, Progress, resource_name, step
 from bottle.state import PLAN_FILE, StateStore
 from bottle.undo import Undo
 
 BACKEND = "docker"
 AGENT = "agent"  # the agent container's role label
-LABEL_CONFIG = "bottle.config"  # a digest of what the agent's container was made from
 WORKDIR = "/workspace"
 # The container's main process: nothing, under docker's init (which reaps what the agent leaves behind).
 WORKLOAD = ["sleep", "2147483647"]
@@ -132,28 +131,32 @@ def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, 
         raise
 
 
-def ensure_image(client: docker.DockerClient, image: str, on_step: Progress) -> Any:
-    """The agent's image: the local one, or pulled once if docker does not have it."""
+def ensure_image(client: docker.DockerClient, image: str) -> Any:
+    """The agent's image, which must be on this machine: bottle never pulls behind your back."""
     try:
         return client.images.get(image)
     except docker.errors.ImageNotFound:
-        on_step("image", f"pulling {image}")
-    try:
-        return client.images.pull(image)
-    except docker.errors.APIError as exc:
-        raise StepFailed("image", f"the agent image '{image}' is not on this machine and could not be pulled "
-                                  f"({exc.explanation}); build or load it first") from None  # fmt: skip
+        raise StepFailed(
+            "agent", f"the agent image '{image}' is not on this machine; `docker pull` it or build it first"
+        ) from None
+
+
+def is_unprivileged(user: str) -> bool:
+    """Whether `user` is a numeric uid:gid with neither 0 (a name could mean root in the image's passwd)."""
+    uid, _, gid = user.partition(":")
+    return bool(gid) and all(part.isdigit() and int(part) != 0 for part in (uid, gid))
 
 
 def agent_user(plan: DockerBottlePlan, image: Any) -> str:
-    """Who the agent runs as: the manifest's user; else yours (when you are not root), so files in the
-    workspace are yours; else the image's own user if it is not root; else nobody. Never root."""
+    """Who the agent runs as, always a numeric uid:gid that is not root's: the manifest's; else yours
+    (when you are not root), so files in the workspace are yours; else the image's own if it is one;
+    else nobody's."""
     if plan.user:
         return plan.user
-    if os.getuid() != 0:
+    if os.getuid() != 0 and os.getgid() != 0:
         return f"{os.getuid()}:{os.getgid()}"
     user = (image.attrs.get("Config") or {}).get("User") or ""
-    return user if user and user.split(":")[0] not in {"0", "root"} else NOBODY
+    return user if is_unprivileged(user) else NOBODY
 
 
 def agent_container_spec(plan: DockerBottlePlan, user: str, owner: str) -> dict[str, Any]:
@@ -196,7 +199,7 @@ def agent_container_spec(plan: DockerBottlePlan, user: str, owner: str) -> dict[
 
 def ensure_agent(client: docker.DockerClient, plan: DockerBottlePlan, owner: str, undo: Undo, on_step: Progress) -> None:
     """Run the agent's container; adopt it only if it runs and was made from exactly this plan."""
-    image = ensure_image(client, plan.agent_image, on_step)
+    image = ensure_image(client, plan.agent_image)
     if plan.runtime is not None and plan.runtime not in (client.info().get("Runtimes") or {}):
         raise StepFailed("agent", f"the Docker Engine has no runtime named '{plan.runtime}'; register it in the "
                                   "Engine's daemon.json (`bottle doctor` lists the registered ones)")  # fmt: skip
@@ -207,6 +210,7 @@ def ensure_agent(client: docker.DockerClient, plan: DockerBottlePlan, owner: str
     found = sidecar.find_container(client, plan.agent_container_name, BACKEND, plan.slug, AGENT, owner)
     if found is not None:
         if found.status == "running" and found.labels.get(LABEL_CONFIG) == spec["labels"][LABEL_CONFIG]:
+            drop_default_route(client, plan, found, owner)  # again: a restart by hand would have restored it
             return
         on_step("agent", f"{found.name} is not running or differs from the plan; making it anew")
         found.remove(force=True)
@@ -216,6 +220,25 @@ def ensure_agent(client: docker.DockerClient, plan: DockerBottlePlan, owner: str
         container.start()
     except docker.errors.APIError as exc:
         raise StepFailed("agent", f"docker could not start the agent's container: {exc.explanation}") from None
+    drop_default_route(client, plan, container, owner)
+
+
+def drop_default_route(client: docker.DockerClient, plan: DockerBottlePlan, agent: Container, owner: str) -> None:
+    """Remove the default route docker gives the agent (see bottle.bundle.noroute), from a one-shot
+    container of the bundle image that joins the agent's network namespace with CAP_NET_ADMIN alone."""
+    helper = client.containers.create(
+        plan.bundle_image, ["noroute"], network_mode=f"container:{agent.id}", user="0", cap_drop=["ALL"],
+        cap_add=["NET_ADMIN"], security_opt=["no-new-privileges"], read_only=True,
+        labels=labels(plan.slug, BACKEND, owner) | {LABEL_ROLE: "helper"},
+    )  # fmt: skip
+    try:
+        helper.start()
+        code = helper.wait(timeout=60)["StatusCode"]
+        said = helper.logs(stdout=False, stderr=True).decode(errors="replace").strip().splitlines() if code else []
+    finally:
+        helper.remove(force=True)
+    if code:
+        raise StepFailed("agent", f"could not remove the agent's default route: {said[-1] if said else code}")
 
 
 def up(
@@ -229,7 +252,7 @@ def up(
         owner = state.owner(create=True)
         on_step("network", f"{plan.network_name} {plan.bundle_subnet} (internal), {plan.egress_network_name}")
         step("secrets", lambda: sidecar.write_secrets(manifest, plan.bundle_dir, state))
-        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, undo))
+        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, state, undo))
         on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
         step("bundle ready", lambda: sidecar.wait_until_ready(client, plan.bundle_container_name, plan.egress_ip,
                                                               ready_timeout))  # fmt: skip

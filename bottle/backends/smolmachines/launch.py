@@ -24,11 +24,10 @@ from bottle.backends.smolmachines.prepare import BACKEND, prepare_parts
 from bottle.backends.smolmachines.smolvm import Smolvm
 from bottle.errors import BottleError, StateError, StepFailed
 from bottle.manifest import Manifest
-from bottle.sidecar import Progress, resource_name, step
+from bottle.sidecar import LABEL_CONFIG, Progress, resource_name, step
 from bottle.state import StateStore
 from bottle.undo import Undo
 
-LABEL_CONFIG = "bottle.config"  # a digest of what the machine was made from
 # The machine's persistent workload: nothing. The agent is the command `up` attaches with `exec`; an
 # agent image's own ENTRYPOINT/CMD would otherwise start a second agent in the background.
 WORKLOAD = ["sleep", "2147483647"]
@@ -141,7 +140,7 @@ def up(
         owner = state.owner(create=True)
         on_step("network", f"{plan.network_name} {plan.bundle_subnet}")
         step("secrets", lambda: sidecar.write_secrets(manifest, plan.bundle_dir, state))
-        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, undo))
+        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, state, undo))
         on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
         step("bundle ready", lambda: sidecar.wait_until_ready(client, plan.bundle_container_name, plan.bundle_ip,
                                                               ready_timeout))  # fmt: skip

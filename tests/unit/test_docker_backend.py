@@ -1,0 +1,42 @@
+"""The docker backend's decisions that need no Engine: who the agent runs as, and what its container is."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from bottle.backends.docker import launch
+from bottle.backends.docker.launch import NOBODY, agent_user
+from bottle.cli import _format_audit
+
+
+def image(user: str):
+    return SimpleNamespace(attrs={"Config": {"User": user}})
+
+
+def plan(**fields):
+    return SimpleNamespace(user=None, **fields)
+
+
+@pytest.mark.parametrize(
+    ("image_user", "runs_as"),
+    [("", NOBODY), ("root", NOBODY), ("0", NOBODY), ("00", NOBODY), ("0:0", NOBODY), ("1000:0", NOBODY),
+     ("node", NOBODY), ("1000", NOBODY), ("1000:1000", "1000:1000")],
+)  # fmt: skip
+def test_as_root_the_agent_takes_the_images_user_only_if_it_is_a_numeric_non_root_one(monkeypatch, image_user, runs_as):
+    monkeypatch.setattr(launch.os, "getuid", lambda: 0)
+    monkeypatch.setattr(launch.os, "getgid", lambda: 0)
+    assert agent_user(plan(), image(image_user)) == runs_as
+
+
+def test_as_a_user_the_agent_runs_as_you_unless_the_manifest_says_otherwise(monkeypatch):
+    monkeypatch.setattr(launch.os, "getuid", lambda: 1234)
+    monkeypatch.setattr(launch.os, "getgid", lambda: 99)
+    assert agent_user(plan(), image("0")) == "1234:99"
+    assert agent_user(SimpleNamespace(user="2000:2000"), image("")) == "2000:2000"
+
+
+def test_audit_fields_cannot_draw_on_the_terminal():
+    line = _format_audit({"time": "t", "decision": "deny", "method": "G\x1bET", "host": "h", "port": 1,
+                          "path": "/\x1b[1A\x1b[2K\x07\u202e", "reason": "r\n"})  # fmt: skip
+    assert line == "t  DENY   G\\x1bET h:1/\\x1b[1A\\x1b[2K\\x07\\u202e  r\\n"
+    assert all(c.isprintable() for c in line)
