@@ -262,6 +262,8 @@ def _format_audit(entry: dict[str, Any]) -> str:
 
 
 def _audit_line(entry: dict[str, Any]) -> str:
+    if entry.get("event") == "client":
+        return f"{entry.get('time')}  {str(entry.get('decision')).upper():<5}  CLIENT {entry.get('client')}  {entry.get('reason')}"
     if entry.get("event") == "dns":
         what = entry.get("name") or entry.get("reason")
         kind = f" (type {entry['qtype']})" if entry.get("qtype") is not None else ""

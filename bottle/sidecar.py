@@ -90,11 +90,11 @@ def secret_name(index: int) -> str:
     return f"credential-{index}"
 
 
-def bundle_config(manifest: Manifest, refuse: list[IPv4Network]) -> bytes:
+def bundle_config(manifest: Manifest, refuse: list[IPv4Network], clients: Sequence[IPv4Network] = ()) -> bytes:
     """The bundle's policy, rendered from the manifest; credentials name their secrets, never hold them.
 
     `refuse` lists the bottle's own networks and gateways: the bundle never connects there, whatever a
-    rule opts in.
+    rule opts in. `clients`, when given, are the only addresses the proxy serves: the agent's network.
     """
     config = BundleConfig(
         port=PROXY_PORT,
@@ -104,6 +104,7 @@ def bundle_config(manifest: Manifest, refuse: list[IPv4Network]) -> bytes:
             for i, c in enumerate(manifest.egress.credentials)
         ],
         refuse=refuse,
+        clients=list(clients),
     )
     return config.model_dump_json(indent=2).encode() + b"\n"
 
@@ -153,10 +154,11 @@ def write_secrets(manifest: Manifest, bundle_dir: Path, state: StateStore) -> No
 
 
 def write_bundle_files(
-    manifest: Manifest, state: StateStore, bundle_dir: Path, guest_dir: Path, refuse: list[IPv4Network]
+    manifest: Manifest, state: StateStore, bundle_dir: Path, guest_dir: Path, refuse: list[IPv4Network],
+    clients: Sequence[IPv4Network] = (),
 ) -> None:
     """The bundle's config and CA (and the CA's certificate for the agent); secrets come at `up`."""
-    state.write_private(bundle_dir / CONFIG_FILE, bundle_config(manifest, refuse))
+    state.write_private(bundle_dir / CONFIG_FILE, bundle_config(manifest, refuse, clients))
     ensure_ca(state, manifest.slug, bundle_dir, guest_dir)
 
 

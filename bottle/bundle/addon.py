@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import ip_address
 from typing import IO, Any
 
 from mitmproxy import connection, http, tls
@@ -282,6 +283,17 @@ class BottlePolicy:
             host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
             self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
                       reason=self._safe(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+
+    def client_connected(self, client: connection.Client) -> None:
+        clients = self.policy.config.clients
+        peer = ip_address(client.peername[0].split("%")[0]) if client.peername else None
+        if getattr(peer, "ipv4_mapped", None) is not None:
+            peer = peer.ipv4_mapped  # type: ignore[union-attr]
+        if not clients or (peer is not None and any(peer in network for network in clients)):
+            return
+        client.error = "bottle: refused: not the agent's address"
+        self._log(None, None, event="client", decision="refused", client=str(peer),
+                  reason=f"{peer} is not on the agent's network; only the agent may use this proxy")  # fmt: skip
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._tunnels.pop(client.id, None)

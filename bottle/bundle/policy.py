@@ -112,6 +112,9 @@ class BundleConfig(_Frozen):
     allow: list[Rule] = Field(default_factory=list)
     credentials: list[Credential] = Field(default_factory=list)
     refuse: list[IPNetwork] = Field(default_factory=list)  # the bottle's own subnet and gateway
+    # Who may use the proxy (the agent's network); empty: whoever can reach it. Anyone else's connection
+    # is closed before it is read, so no one but the agent gets a credential added.
+    clients: list[IPNetwork] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _ports_differ(self) -> BundleConfig:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import socket
 import subprocess
 import sys
 
@@ -54,6 +55,18 @@ def test_up_attach_ls_down(engine, slug, home, manifest):
     assert not host.get("Binds") or all(":/var/run/docker.sock" not in b for b in host["Binds"])
     bundle = engine.containers.get(f"bottle-{slug}-bundle").attrs["HostConfig"]
     assert (bundle["Memory"], bundle["PidsLimit"], bundle["Sysctls"]) == (1 << 30, 256, {"net.ipv4.ip_forward": "0"})
+
+    # The host reaches the bundle's egress address (that is how `up` waits for it) but the proxy serves
+    # the agent's network alone: a host user's request is closed unread and logged.
+    plan = json.loads((home / "bottles" / slug / "plan.json").read_text())
+    with socket.create_connection((plan["egress_ip"], 8888), timeout=5) as conn:
+        conn.sendall(b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+        try:
+            assert conn.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+    refused = [json.loads(line) for line in bottle("logs", slug, "--json").stdout.splitlines()]
+    assert refused and all(e["event"] == "client" and e["decision"] == "refused" for e in refused), refused
 
     # `up` of a running bottle attaches: the command runs in the agent's container, its exit code is ours.
     script = "id -u; cat /proc/net/route | wc -l; echo $HTTPS_PROXY; pwd; exit 7"

@@ -112,7 +112,9 @@ def prepare_parts(
     if agent.attrs.get("Internal") is not True:
         raise BottleError(f"docker network {agent.name} is not internal; remove it (`bottle down {slug}`) and try again")
     result = build_plan(manifest, state, (inside, out), (agent.id, egress.id))
-    sidecar.write_bundle_files(manifest, state, result.bundle_dir, result.guest_dir, [inside.subnet, out.subnet])
+    # The proxy serves the agent's network alone: a host user reaching the bundle's egress address is refused.
+    sidecar.write_bundle_files(manifest, state, result.bundle_dir, result.guest_dir, [inside.subnet, out.subnet],
+                               clients=[inside.subnet])  # fmt: skip
     state.save_plan(result)
     return result
 
