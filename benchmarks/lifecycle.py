@@ -3,7 +3,8 @@
 Run: .venv/bin/python benchmarks/lifecycle.py [--rounds N]
 
 0. The docker backend: `up --detach` + `down` against the bare Docker SDK calls it makes (two networks,
-   the bundle at its pinned IPs, the wait for its port, the agent's container; then removing them), as
+   the real bundle at its pinned IPs, the wait for its port, the agent's container, the one-shot helper
+   that removes its default route; then removing them), as
    a ratio measured in the same run, rounds interleaved; and the time from calling `up` to the end of
    the agent's first command inside its container (`true`, by exec), absolute.
 1. smolmachines: `up --detach` + `down` (in-process, the same code the CLI runs) against the bare Docker SDK calls
@@ -39,10 +40,16 @@ from bottle.backends.docker import DockerBackend
 from bottle.backends.docker.launch import INTERNAL_OPTIONS
 from bottle.backends.smolmachines import SmolmachinesBackend
 from bottle.backends.smolmachines.smolvm import Smolvm, wheel_engine
+from bottle.bundle import CA_DIR, CONFIG_FILE, SECRETS_FILE
+from bottle.bundle.build import build as build_bundle
+from bottle.bundle.ca import CA_FILE, create_ca
+from bottle.bundle.policy import BundleConfig
 from bottle.manifest import parse_manifest
 from bottle.state import StateStore
 from bottle.testing import fake_smolvm
-from bottle.testing.images import READY_IMAGE, build_test_bundle
+from bottle.testing.images import READY_IMAGE, build_python_base, build_test_bundle
+
+REAL_BUNDLE = "bottle-test-bundle:real"  # the bundle image built from this checkout, as the tests build it
 
 REPORT = PreflightReport(backend="smolmachines", checks=[], facts={"smolvm_version": "1.32.2"})
 
@@ -64,8 +71,10 @@ def wait_for_port(ip: str, port: int = 8888) -> None:
             time.sleep(0.1)
 
 
-def docker_bare_round(client: docker.DockerClient, name: str) -> float:
-    """What a docker bottle's `up` + `down` do in docker, without bottle."""
+def docker_bare_round(client: docker.DockerClient, name: str, bundle_image: str, bundle_dir: Path) -> float:
+    """What a docker bottle's `up` + `down` do in docker, without bottle: two networks, the bundle at its
+    pinned addresses and the wait for its port, the agent's container, the one-shot route helper; then
+    removing them."""
     taken = [s for n in client.networks.list() for s in ipv4_subnets(n.attrs)] + host_routes()
     inside = derive_subnet(name, DEFAULT_POOL, taken)
     out = derive_subnet(f"{name}-egress", DEFAULT_POOL, [*taken, inside])
@@ -77,8 +86,11 @@ def docker_bare_round(client: docker.DockerClient, name: str) -> float:
         networks.append(client.networks.create(net_name, driver="bridge", ipam=ipam, labels=label, internal=internal,
                                                 options=INTERNAL_OPTIONS if internal else {}))  # fmt: skip
     endpoint = {name: client.api.create_endpoint_config(ipv4_address=str(inside.network_address + 2))}
-    bundle = client.containers.create(READY_IMAGE, name=f"{name}-bundle", network=name, networking_config=endpoint,
-                                      labels=label, read_only=True, cap_drop=["ALL"])  # fmt: skip
+    bundle = client.containers.create(
+        bundle_image, name=f"{name}-bundle", network=name, networking_config=endpoint, labels=label, read_only=True,
+        cap_drop=["ALL"], user=f"{os.getuid()}:{os.getgid()}", tmpfs={"/tmp": "size=64m"},
+        volumes={str(bundle_dir): {"bind": "/etc/bottle", "mode": "ro"}},
+    )  # fmt: skip
     networks[1].connect(bundle, ipv4_address=str(out.network_address + 2))
     bundle.start()
     wait_for_port(str(out.network_address + 2))
@@ -89,24 +101,35 @@ def docker_bare_round(client: docker.DockerClient, name: str) -> float:
         sysctls={"net.ipv6.conf.all.disable_ipv6": "1"},
     )  # fmt: skip
     agent.start()
-    for container in (agent, bundle):
+    helper = client.containers.create(bundle_image, ["noroute"], network_mode=f"container:{agent.id}", user="0",
+                                      cap_drop=["ALL"], cap_add=["NET_ADMIN"], labels=label)  # fmt: skip
+    helper.start()
+    helper.wait()
+    for container in (helper, agent, bundle):
         container.remove(force=True)
     for network in networks:
         network.remove()
     return time.perf_counter() - start
 
 
-def docker_figures(client: docker.DockerClient, state: StateStore, rounds: int, run: str) -> None:
+def docker_figures(client: docker.DockerClient, state: StateStore, rounds: int, run: str, tmp: Path) -> None:
     backend = DockerBackend()
     report = backend.preflight(docker=client)
+    bundle_image = build_bundle(client, base=build_python_base(client), tag=REAL_BUNDLE)
+    bundle_dir = tmp / "bare-bundle"
+    (bundle_dir / CA_DIR).mkdir(parents=True)
+    key, cert = create_ca("benchmark CA")
+    (bundle_dir / CA_DIR / CA_FILE).write_bytes(key + cert)
+    (bundle_dir / CONFIG_FILE).write_text(BundleConfig().model_dump_json())
+    (bundle_dir / SECRETS_FILE).write_text("{}")
 
     def docker_manifest(name: str):
         return parse_manifest({"name": name, "backend": "docker", "agent": {"image": READY_IMAGE},
-                               "bundle": {"image": READY_IMAGE}})  # fmt: skip
+                               "bundle": {"image": bundle_image}})  # fmt: skip
 
     bare, ours, first = [], [], []
     for i in range(rounds):
-        bare.append(docker_bare_round(client, f"bench-dbare-{run}-{i}"))
+        bare.append(docker_bare_round(client, f"bench-dbare-{run}-{i}", bundle_image, bundle_dir))
         name = f"bench-d-{run}-{i}"
         start = time.perf_counter()
         plan = backend.up(docker_manifest(name), docker=client, state=state, preflight=report, on_step=quiet)
@@ -227,7 +250,7 @@ def main() -> None:
         backend = SmolmachinesBackend()
         try:
             if args.only != "smolmachines":
-                docker_figures(client, state, args.rounds, run)
+                docker_figures(client, state, args.rounds, run, Path(tmp))
             if args.only != "docker":
                 lifecycle_ratio(client, backend, state, args.rounds, run)
                 ls_scaling(client, backend, state, run)

@@ -2,7 +2,8 @@
 
 The agent's container is attached to one network, `bottle-<slug>`: `internal` (docker gives it no route
 out) and with no address of the host's on it (`inhibit_ipv4`), so the only other thing it can reach is
-the bundle at its pinned IP. The bundle also sits on `bottle-<slug>-egress`, an ordinary bridge that is
+the bundle at its pinned IP; and with docker's default route removed (`drop_default_route`), so not even
+a broadcast leaves its /24. The bundle also sits on `bottle-<slug>-egress`, an ordinary bridge that is
 its way out. The container's main process is inert; the agent is the command `attach` runs in it.
 """
 
