@@ -18,6 +18,7 @@ Test controls, set with `control(state_dir, ...)` (bottle does not pass test var
   fail=STEP    make that step fail as smolvm would (exit 1, SMOLVM_ERROR): one of STEPS
   hang=STEP    write `<state>/hanging-STEP`, then sleep until killed (for signal tests)
   net="open"   do not confine the stand-in: a VM whose allowlist is not enforced
+  net="udp"    confine its TCP only: a VM whose allowlist leaks datagrams
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class _Fake:
         pid = self.running(name) or 0
         _plug(pid, network, name)
         if self.controls.get("net") != "open":
-            _confine(pid, machine.get("allowed_cidrs") or [])
+            _confine(pid, machine.get("allowed_cidrs") or [], tcp_only=self.controls.get("net") == "udp")
         print(f"Machine '{name}' started")
         return 0
 
@@ -236,12 +237,13 @@ def _plug(pid: int, network: dict[str, Any], name: str) -> None:
         subprocess.run(step, check=True, capture_output=True)
 
 
-def _confine(pid: int, cidrs: list[str]) -> None:
-    """Outbound traffic from the stand-in only to `cidrs` (and its own loopback); the rest is rejected."""
+def _confine(pid: int, cidrs: list[str], *, tcp_only: bool = False) -> None:
+    """Outbound traffic from the stand-in only to `cidrs` (and its own loopback); the rest is rejected
+    (with `tcp_only`, only TCP is: a leak for tests to catch)."""
     enter = ["nsenter", "-t", str(pid), "-n"]
     rules = [["-A", "OUTPUT", "-o", "lo", "-j", "ACCEPT"]]
     rules += [["-A", "OUTPUT", "-d", cidr, "-j", "ACCEPT"] for cidr in cidrs if ":" not in cidr]
-    rules += [["-A", "OUTPUT", "-j", "REJECT"]]
+    rules += [["-A", "OUTPUT", *(["-p", "tcp"] if tcp_only else []), "-j", "REJECT"]]
     for rule in rules:
         subprocess.run([*enter, "iptables", *rule], check=True, capture_output=True)
     subprocess.run([*enter, "ip6tables", "-P", "OUTPUT", "DROP"], check=True, capture_output=True)

@@ -304,3 +304,20 @@ def test_a_stopped_machine_is_made_anew_never_trusted(engine, slug, smolvm_state
     assert "is not running or differs from the plan; making it anew" in result.stderr
     assert len(creates(smolvm_state)) == 2
     assert bottle("down", slug).returncode == 0
+
+
+def test_the_probe_catches_a_vm_that_leaks_only_datagrams(engine, slug, home, write_manifest, real_smolvm, python_base,
+                                                          tmp_path, monkeypatch):  # fmt: skip
+    """A VM whose TCP is confined but whose UDP gets out: the probe's listener sees the datagram."""
+    state = tmp_path / "smolvm-udp"
+    monkeypatch.setenv("BOTTLE_SMOLVM", str(fake_smolvm.install(tmp_path / "bin-udp", state, real_smolvm, python_base)))
+    fake_smolvm.control(state, net="udp")
+    try:
+        result = bottle("up", "-f", str(write_manifest()), "--detach")
+        assert result.returncode == 1
+        message = result.stderr.strip().splitlines()[-1]
+        assert message.startswith("bottle: step 'probe' failed: the VM reached ") and "(UDP)" in message, message
+        assert "(TCP)" not in message
+        assert leftovers(engine, slug, state, home) == {}
+    finally:
+        fake_smolvm.cleanup(state)

@@ -2,8 +2,9 @@
 
 Inside the VM a small shell script connects to the bundle's proxy port, which must open, and to a
 listener bottle opens for the probe on the bottle's docker gateway (an address on the host that the
-allowlist must refuse), which must not. The listener, not the script, is the judge of the second: if
-it sees any connection, the VM got out, whatever the script says.
+allowlist must refuse), which must not, over TCP and (where the image has bash) UDP. The listener, not
+the script, is the judge of the second: if it sees any connection or datagram, the VM got out,
+whatever the script says.
 """
 
 from __future__ import annotations
@@ -41,35 +42,56 @@ reach() {
 }
 if reach "$1" "$2"; then echo bundle=open; else echo bundle=shut; fi
 if reach "$3" "$4"; then echo decoy=open; else echo decoy=shut; fi
+# UDP too, where the image can send it; only the listener can tell whether a datagram got out.
+if command -v bash >/dev/null 2>&1; then
+  timeout 3 bash -c 'echo bottle-probe >"/dev/udp/$1/$2"' probe "$3" "$4" 2>/dev/null
+fi
+sleep 1
 """
 
 
 @contextmanager
 def listener(address: str) -> Iterator[tuple[int, list[str]]]:
-    """A TCP listener on `address` (any free port); yields the port and the peers that connected."""
+    """A TCP and a UDP listener on `address`, one free port; yields the port and every peer that got there."""
     seen: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
-        server.bind((address, 0))
-        server.listen(8)
-        server.settimeout(0.2)
-        stop = threading.Event()
-
-        def accept() -> None:
-            while not stop.is_set():
-                try:
-                    peer, where = server.accept()
-                except OSError:
-                    continue
-                seen.append(where[0])
-                peer.close()
-
-        thread = threading.Thread(target=accept, daemon=True)
-        thread.start()
+    for _ in range(20):
+        tcp, udp = socket.socket(socket.AF_INET, socket.SOCK_STREAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp.bind((address, 0))
         try:
-            yield server.getsockname()[1], seen
-        finally:
-            stop.set()
-            thread.join()
+            udp.bind((address, tcp.getsockname()[1]))
+            break
+        except OSError:  # that port is taken for UDP: try another
+            tcp.close()
+            udp.close()
+    else:
+        raise StepFailed(STEP, f"found no port free for both TCP and UDP on {address} for the probe's listener")
+    tcp.listen(8)
+    for sock in (tcp, udp):
+        sock.settimeout(0.1)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                peer, where = tcp.accept()
+                peer.close()
+                seen.append(f"{where[0]} (TCP)")
+            except OSError:
+                pass
+            try:
+                seen.append(f"{udp.recvfrom(512)[1][0]} (UDP)")
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield tcp.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join()
+        tcp.close()
+        udp.close()
 
 
 def confined(smolvm: Smolvm, plan: SmolmachinesBottlePlan, *, timeout: float) -> None:
@@ -80,7 +102,9 @@ def confined(smolvm: Smolvm, plan: SmolmachinesBottlePlan, *, timeout: float) ->
         result = smolvm.exec(STEP, plan.machine_name, ["sh", "-c", SCRIPT, "probe", *args], timeout=timeout)
     said = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.count("=") == 1)
     if seen or said.get("decoy") == "open":
-        raise StepFailed(STEP, f"the VM reached {decoy}:{port}, which its allowlist must refuse: it is not confined")
+        how = f" (the listener saw {', '.join(seen)})" if seen else ""
+        raise StepFailed(STEP, f"the VM reached {decoy}:{port}{how}, which its allowlist must refuse: it is not "
+                               "confined")  # fmt: skip
     if result.returncode == NO_TOOL and "no tool" in result.stdout:
         raise StepFailed(STEP, "the agent image has none of curl, nc, bash or wget, so bottle cannot probe its VM")
     if result.returncode != 0 or said.get("bundle") != "open":
