@@ -186,15 +186,15 @@ class DockerConfig(_Strict):
     cpus: float = Field(default=2.0, gt=0, le=256)
     pids: int = Field(default=1024, ge=16, le=1_000_000)
     # A numeric "uid:gid" (a name could be root in the image's passwd); None: yours, or nobody's as root.
-    user: str | None = Field(default=None, pattern=r"^[0-9]+:[0-9]+$")
+    user: str | None = Field(default=None, pattern=r"^[0-9]{1,10}:[0-9]{1,10}$")
     # A host directory mounted read-write at /workspace; None: /workspace is a tmpfs gone at `down`.
     workspace: str | None = None
 
     @field_validator("user")
     @classmethod
     def _not_root(cls, user: str | None) -> str | None:
-        if user is not None and 0 in (int(part) for part in user.split(":")):
-            raise ValueError("the agent never runs as root (uid or gid 0); name another uid:gid, or leave it out")
+        if user is not None and not all(0 < int(part) < 2**31 for part in user.split(":")):
+            raise ValueError("must be a uid:gid from 1 to 2147483647, never root's 0; or leave it out")
         return user
 
 

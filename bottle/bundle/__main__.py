@@ -101,10 +101,10 @@ async def serve(
 
 
 def main() -> int:
-    if sys.argv[1:] == ["noroute"]:  # run by the docker backend in the agent's network namespace
+    if sys.argv[1:2] in (["noroute"], ["rpfilter"]):  # the docker backend's one-shot jobs (bottle.bundle.noroute)
         from bottle.bundle import noroute
 
-        return noroute.main()
+        return noroute.main() if sys.argv[1] == "noroute" else noroute.rp_filter_main(*sys.argv[2:3] or [""])
     try:
         config = BundleConfig.load(CONFIG_DIR / CONFIG_FILE)
         secrets = load_secrets(CONFIG_DIR / SECRETS_FILE, config)

@@ -1,4 +1,7 @@
-"""Remove every IPv4 default route from the network namespace this runs in, then exit 0 (1 if one stays).
+"""Two one-shot jobs the docker backend runs from the bundle image to keep the agent off the host.
+
+`noroute`: remove every IPv4 default route from the network namespace this runs in, then exit 0 (1 if
+one stays).
 
 The docker backend runs it once from the bundle image, as a short-lived container that joins the agent
 container's network namespace with CAP_NET_ADMIN alone: docker gives every container on a network,
@@ -7,12 +10,22 @@ can send UDP to 255.255.255.255, which the host's own stack receives on the brid
 agent reaches its own /24 (the bundle) and nothing else: not even a broadcast has a route.
 
 Plain netlink (RTM_DELROUTE), since the bundle image has Python and not iproute2.
+
+`rpfilter IFACE`: turn on reverse-path filtering for the agent's bridge in the host's network namespace
+(run with the host's network and CAP_NET_ADMIN, /proc/sys left writable by `systempaths=unconfined`). A
+socket that names its interface (SO_BINDTODEVICE, IP_UNICAST_IF, IP_PKTINFO: no capability needed)
+sends from the agent without any route, to 255.255.255.255, to multicast, or to any of the host's
+addresses, and the host's stack takes it off the bridge. The bridge has no IPv4 address (the network is
+made with inhibit_ipv4), so with rp_filter on, the kernel finds no valid path back to any source there
+and drops every packet the agent sends to the host, whatever the mode `all` is set to. Frames between
+the agent and the bundle are bridged, never routed, and are not touched.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 import sys
@@ -37,6 +50,25 @@ def delete_default_route(sock: socket.socket, seq: int) -> int:
     reply = sock.recv(65536)
     kind = struct.unpack_from("=H", reply, 4)[0]
     return -struct.unpack_from("=i", reply, 16)[0] if kind == NLMSG_ERROR else 0
+
+
+def rp_filter(interface: str, proc: Path = Path("/proc/sys/net/ipv4/conf")) -> str | None:
+    """Set strict reverse-path filtering on `interface`; None if it holds, else why not."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", interface):
+        return f"{interface!r} is not an interface name"
+    setting = proc / interface / "rp_filter"
+    try:
+        setting.write_text("1\n")
+        return None if setting.read_text().strip() == "1" else f"{setting} did not keep 1"
+    except OSError as exc:
+        return f"cannot set {setting}: {exc.strerror}"
+
+
+def rp_filter_main(interface: str) -> int:
+    problem = rp_filter(interface)
+    if problem:
+        print(f"bottle-rpfilter: {problem}", file=sys.stderr)
+    return 1 if problem else 0
 
 
 def main() -> int:

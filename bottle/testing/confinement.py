@@ -79,6 +79,31 @@ def udp(host, port):
     except OSError as exc:
         return type(exc).__name__ + ": " + str(exc)
 
+def udp_bound(host, port):
+    # Name the interface on the socket, as any unprivileged process may: no route is needed then.
+    sent = []
+    for index, name in socket.if_nameindex():
+        if name == "lo":
+            continue
+        for how in ("SO_BINDTODEVICE", "IP_UNICAST_IF", "IP_PKTINFO"):
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                    payload = f"bottle-confinement {how} {name}".encode()
+                    if how == "SO_BINDTODEVICE":
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
+                        s.sendto(payload, (host, port))
+                    elif how == "IP_UNICAST_IF":
+                        s.setsockopt(socket.IPPROTO_IP, 50, struct.pack("!I", index))
+                        s.sendto(payload, (host, port))
+                    else:
+                        info = struct.pack("=I4s4s", index, bytes(4), bytes(4))
+                        s.sendmsg([payload], [(socket.IPPROTO_IP, 8, info)], 0, (host, port))
+                    sent.append(f"{how} {name}")
+            except OSError as exc:
+                sent.append(f"{how} {name}: {exc}")
+    return sent
+
 def get(url):
     context = ssl.create_default_context(cafile="/etc/bottle/ca.pem")
     try:
@@ -128,6 +153,7 @@ def find(head, tail):
     return found
 
 result = {"tcp": lambda: tcp(op["host"], op["port"]), "udp": lambda: udp(op["host"], op["port"]),
+          "udp_bound": lambda: udp_bound(op["host"], op["port"]),
           "get": lambda: get(op["url"]), "resolve": lambda: resolve(op["name"]),
           "dns": lambda: dns(op["server"], op["name"]), "find": lambda: find(op["head"], op["tail"])}[kind]()
 print(json.dumps(result))
@@ -394,6 +420,13 @@ class ConfinementSuite:
         subnet_broadcast = str(ip_network(f"{bottle.plan.bundle_ip}/24", strict=False).broadcast_address)
         for target in ("255.255.255.255", subnet_broadcast):
             self.probe(backend, engine, bottle, op="udp", host=target, port=bottle.listener_port)
+        self.nothing_seen(bottle)
+
+    def test_no_packet_reaches_the_host_from_a_socket_that_names_its_interface(self, backend, engine, bottle):
+        """SO_BINDTODEVICE, IP_UNICAST_IF and IP_PKTINFO need no capability and no route: broadcast,
+        multicast and every gateway (the host's own addresses), UDP to the host listener only."""
+        for target in ("255.255.255.255", "224.0.0.1", *bottle.gateways.values()):
+            self.probe(backend, engine, bottle, op="udp_bound", host=target, port=bottle.listener_port)
         self.nothing_seen(bottle)
 
     def test_no_port_the_host_publishes_is_reached(self, backend, engine, bottle) -> None:

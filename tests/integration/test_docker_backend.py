@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import docker
 import pytest
@@ -136,3 +137,24 @@ def test_an_image_whose_user_is_root_by_another_spelling_runs_as_nobody(engine, 
             engine.images.remove(tag, force=True)
         except docker.errors.ImageNotFound:
             pass
+
+
+def test_a_bottle_not_run_as_root_filters_the_bridge_through_a_helper(engine, slug, home, manifest, monkeypatch):
+    """As a docker-group user, bottle cannot write /proc/sys itself: the privileged one-shot helper does."""
+    from bottle.backends.docker import launch
+    from bottle.backends.docker.plan import DockerBottlePlan
+    from bottle.state import StateStore
+
+    assert bottle("up", "-f", manifest(), "--detach").returncode == 0
+    try:
+        plan = DockerBottlePlan.model_validate_json((home / "bottles" / slug / "plan.json").read_text())
+        setting = Path(f"/proc/sys/net/ipv4/conf/br-{plan.network_id[:12]}/rp_filter")
+        assert setting.read_text().strip() == "1"  # what `up` set
+        setting.write_text("0\n")
+        monkeypatch.setattr(launch.os, "geteuid", lambda: 1000)
+        monkeypatch.setattr(launch.noroute, "rp_filter", lambda name: pytest.fail("wrote /proc/sys directly"))
+        launch.shut_host_off(engine, plan, StateStore(home).owner())
+        assert setting.read_text().strip() == "1"
+        assert engine.containers.list(all=True, filters={"label": ["bottle.role=helper", f"bottle.slug={slug}"]}) == []
+    finally:
+        bottle("down", slug)

@@ -20,7 +20,8 @@ def plan(**fields):
 @pytest.mark.parametrize(
     ("image_user", "runs_as"),
     [("", NOBODY), ("root", NOBODY), ("0", NOBODY), ("00", NOBODY), ("0:0", NOBODY), ("1000:0", NOBODY),
-     ("node", NOBODY), ("1000", NOBODY), ("1000:1000", "1000:1000")],
+     ("node", NOBODY), ("1000", NOBODY), ("١٢:١٢", NOBODY), ("²:1", NOBODY), ("4294967296:1", NOBODY),
+     ("1000:1000", "1000:1000")],
 )  # fmt: skip
 def test_as_root_the_agent_takes_the_images_user_only_if_it_is_a_numeric_non_root_one(monkeypatch, image_user, runs_as):
     monkeypatch.setattr(launch.os, "getuid", lambda: 0)

@@ -183,7 +183,9 @@ def test_file_errors_name_the_file(tmp_path):
         load_manifest(bad)
 
 
-@pytest.mark.parametrize("user", ["0:0", "00:1000", "1000:0", "0000:00", "root", "1000", "node:node", "-1:5"])
+@pytest.mark.parametrize(
+    "user", ["0:0", "00:1000", "1000:0", "0000:00", "root", "1000", "node:node", "-1:5", "4294967296:1", "١٢:١٢", "²:1"]
+)
 def test_the_docker_user_is_a_numeric_uid_gid_and_never_root(user):
     assert "docker.user" in error_of(minimal(docker={"user": user}))
 

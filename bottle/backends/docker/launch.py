@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from ipaddress import IPv4Network
@@ -24,6 +25,7 @@ from docker.models.containers import Container
 from bottle import sidecar
 from bottle.backend import LABEL_ROLE, BottleStatus, labels
 from bottle.backends.docker.plan import DockerBottlePlan
+from bottle.bundle import noroute
 from bottle.errors import BottleError, EnvironmentProblem, StepFailed
 from bottle.manifest import Manifest
 from bottle.sidecar import BUNDLE, LABEL_CONFIG, NetworkSpec, Progress, resource_name, step
@@ -145,9 +147,10 @@ def ensure_image(client: docker.DockerClient, image: str) -> Any:
 
 
 def is_unprivileged(user: str) -> bool:
-    """Whether `user` is a numeric uid:gid with neither 0 (a name could mean root in the image's passwd)."""
-    uid, _, gid = user.partition(":")
-    return bool(gid) and all(part.isdigit() and int(part) != 0 for part in (uid, gid))
+    """Whether `user` is an ASCII-numeric uid:gid with neither 0 (a name, or digits docker does not read
+    as a number, such as '١٢', is looked up in the image's passwd, where it can be root)."""
+    found = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,10})", user, re.ASCII)
+    return found is not None and all(0 < int(part) < 2**31 for part in found.groups())
 
 
 def agent_user(plan: DockerBottlePlan, image: Any) -> str:
@@ -209,6 +212,7 @@ def ensure_agent(client: docker.DockerClient, plan: DockerBottlePlan, owner: str
     if plan.workspace is not None and not plan.workspace.is_dir():
         raise StepFailed("agent", f"the workspace {plan.workspace} is not a directory; create it or fix "
                                   "[docker] workspace")  # fmt: skip
+    shut_host_off(client, plan, owner)  # before the agent runs: every start, since a new bridge forgets it
     spec = agent_container_spec(plan, agent_user(plan, image), owner)
     found = sidecar.find_container(client, plan.agent_container_name, BACKEND, plan.slug, AGENT, owner)
     if found is not None:
@@ -226,14 +230,21 @@ def ensure_agent(client: docker.DockerClient, plan: DockerBottlePlan, owner: str
     drop_default_route(client, plan, container, owner)
 
 
-def drop_default_route(client: docker.DockerClient, plan: DockerBottlePlan, agent: Container, owner: str) -> None:
-    """Remove the default route docker gives the agent (see bottle.bundle.noroute), from a one-shot
-    container of the bundle image that joins the agent's network namespace with CAP_NET_ADMIN alone."""
-    helper = client.containers.create(
-        plan.bundle_image, ["noroute"], network_mode=f"container:{agent.id}", user="0", cap_drop=["ALL"],
-        cap_add=["NET_ADMIN"], security_opt=["no-new-privileges"], read_only=True,
+def one_shot(client: docker.DockerClient, plan: DockerBottlePlan, owner: str, command: list[str], doing: str,
+             unmasked: bool = False, **options: Any) -> None:  # fmt: skip
+    """Run one of the bundle image's jobs (bottle.bundle.noroute) in a container that is gone afterwards.
+
+    `unmasked` leaves /proc writable (what the CLI calls `systempaths=unconfined`), for a job that sets a
+    sysctl with no more than its capabilities allow.
+    """
+    host = client.api.create_host_config(read_only=True, **options)
+    if unmasked:
+        host |= {"MaskedPaths": [], "ReadonlyPaths": []}
+    created = client.api.create_container(
+        plan.bundle_image, command, user="0", host_config=host,
         labels=labels(plan.slug, BACKEND, owner) | {LABEL_ROLE: "helper"},
     )  # fmt: skip
+    helper = client.containers.get(created["Id"])
     try:
         helper.start()
         code = helper.wait(timeout=60)["StatusCode"]
@@ -241,7 +252,29 @@ def drop_default_route(client: docker.DockerClient, plan: DockerBottlePlan, agen
     finally:
         helper.remove(force=True)
     if code:
-        raise StepFailed("agent", f"could not remove the agent's default route: {said[-1] if said else code}")
+        raise StepFailed("agent", f"could not {doing}: {said[-1] if said else f'exit {code}'}")
+
+
+def drop_default_route(client: docker.DockerClient, plan: DockerBottlePlan, agent: Container, owner: str) -> None:
+    """Remove the default route docker gives the agent, from a one-shot container of the bundle image that
+    joins the agent's network namespace with CAP_NET_ADMIN alone."""
+    one_shot(client, plan, owner, ["noroute"], "remove the agent's default route",
+             network_mode=f"container:{agent.id}", cap_drop=["ALL"], cap_add=["NET_ADMIN"],
+             security_opt=["no-new-privileges"])  # fmt: skip
+
+
+def shut_host_off(client: docker.DockerClient, plan: DockerBottlePlan, owner: str) -> None:
+    """Have the host's stack drop everything the agent sends it (rp_filter on the agent's bridge; see
+    bottle.bundle.noroute): directly when bottle is root beside the Engine, else from a one-shot container
+    of the bundle image on the host's network, as anyone who may use the Engine can run."""
+    network = client.networks.get(plan.network_id or plan.network_name)
+    bridge = (network.attrs.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{network.id[:12]}"
+    if os.geteuid() == 0 and noroute.rp_filter(bridge) is None:
+        return
+    # CAP_NET_ADMIN alone, with /proc/sys left writable (systempaths=unconfined): not --privileged.
+    one_shot(client, plan, owner, ["rpfilter", bridge], f"turn on reverse-path filtering for {bridge}",
+             unmasked=True, network_mode="host", cap_drop=["ALL"], cap_add=["NET_ADMIN"],
+             security_opt=["no-new-privileges"])  # fmt: skip
 
 
 def up(
