@@ -267,7 +267,7 @@ def _audit_line(entry: dict[str, Any]) -> str:
     if entry.get("event") == "dns":
         what = entry.get("name") or entry.get("reason")
         kind = f" (type {entry['qtype']})" if entry.get("qtype") is not None else ""
-        return f"{entry.get('time')}  {str(entry.get('decision')).upper():<5}  DNS {what}{kind}"
+        return f"{entry.get('time')}  {str(entry.get('decision')).upper():<5}  DNS {what}{kind}  from {entry.get('client')}"
     where = f"{entry.get('host')}:{entry.get('port')}{entry.get('path') or ''}"
     decision = str(entry.get("decision", "?")).upper()
     tail = entry.get("reason") or f"{entry.get('status')}  out {entry.get('bytes_out')} B  in {entry.get('bytes_in')} B"

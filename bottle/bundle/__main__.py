@@ -93,7 +93,7 @@ async def serve(
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
-        dns = await listen_dns(listen_host, config.dns_port, audit)
+        dns = await listen_dns(listen_host, config.dns_port, audit, clients=config.clients)
         try:
             await master.run()
         finally:

@@ -16,10 +16,13 @@ import asyncio
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Any, cast
 
 from bottle.bundle.addon import AuditSink
+from bottle.bundle.policy import IPNetwork
 
 HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
 QR, OPCODE, RD = 0x8000, 0x7800, 0x0100
@@ -142,8 +145,22 @@ def _entry(client: str, decision: str, **fields: Any) -> dict[str, Any]:
             **fields, "client": client}  # fmt: skip
 
 
-def handle(message: bytes, client: str, audit: AuditSink) -> bytes | None:
-    """Refuse one message from `client` and write its one audit line; the answer, or None to send none."""
+def is_client(client: str, clients: Sequence[IPNetwork]) -> bool:
+    """Whether `client` may be answered: anyone when `clients` is empty, else an address inside one."""
+    try:
+        return not clients or any(ip_address(client) in network for network in clients)
+    except ValueError:
+        return False
+
+
+def handle(message: bytes, client: str, audit: AuditSink, clients: Sequence[IPNetwork] = ()) -> bytes | None:
+    """Refuse one message from `client` and write its one audit line; the answer, or None to send none.
+
+    A client outside `clients` (when given: the agent's network) is not answered at all.
+    """
+    if not is_client(client, clients):
+        audit(_entry(client, "dropped", reason="not the agent's address"))
+        return None
     try:
         query = parse(message)
     except Malformed as exc:
@@ -154,15 +171,15 @@ def handle(message: bytes, client: str, audit: AuditSink) -> bytes | None:
 
 
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, audit: AuditSink):
-        self.audit = audit
+    def __init__(self, audit: AuditSink, clients: Sequence[IPNetwork]):
+        self.audit, self.clients = audit, clients
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        reply = handle(data, str(addr[0]), self.audit)
+        reply = handle(data, str(addr[0]), self.audit, self.clients)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -173,8 +190,8 @@ class _Udp(asyncio.DatagramProtocol):
 class _Tcp:
     """DNS over TCP (RFC 1035 4.2.2): a 2-octet length, then the message; several per connection."""
 
-    def __init__(self, audit: AuditSink, limit: int, idle: float):
-        self.audit, self.limit, self.idle = audit, limit, idle
+    def __init__(self, audit: AuditSink, limit: int, idle: float, clients: Sequence[IPNetwork]):
+        self.audit, self.limit, self.idle, self.clients = audit, limit, idle, clients
         self.open = 0
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -208,7 +225,7 @@ class _Tcp:
             except (TimeoutError, asyncio.IncompleteReadError):
                 self.audit(_entry(client, "dropped", reason="truncated TCP message"))
                 return
-            reply = handle(message, client, self.audit)
+            reply = handle(message, client, self.audit, self.clients)
             if reply is None:
                 return  # not a query: the stream cannot be trusted to be framed any more
             writer.write(struct.pack("!H", len(reply)) + reply)
@@ -229,7 +246,7 @@ class Refuser:
 
 
 async def listen(host: str, port: int, audit: AuditSink, *, max_tcp: int = MAX_TCP_CONNECTIONS,
-                 idle: float = IDLE_TIMEOUT) -> Refuser:  # fmt: skip
+                 idle: float = IDLE_TIMEOUT, clients: Sequence[IPNetwork] = ()) -> Refuser:  # fmt: skip
     """Refuse DNS on `host`:`port`, UDP and TCP; port 0 picks a free UDP port and takes TCP on the same.
 
     Both sockets are bound before either serves; if one cannot be, OSError, and neither is left open.
@@ -247,6 +264,6 @@ async def listen(host: str, port: int, audit: AuditSink, *, max_tcp: int = MAX_T
         tcp_sock.close()
         raise
     loop = asyncio.get_running_loop()
-    udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(audit), sock=udp_sock)
-    tcp = await asyncio.start_server(_Tcp(audit, max_tcp, idle), sock=tcp_sock)
+    udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(audit, clients), sock=udp_sock)
+    tcp = await asyncio.start_server(_Tcp(audit, max_tcp, idle, clients), sock=tcp_sock)
     return Refuser(udp, tcp, port)

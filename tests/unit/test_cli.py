@@ -175,6 +175,6 @@ def test_dns_audit_lines_read_as_dns_in_bottle_logs():
 
     line = {"time": "t", "event": "dns", "decision": "refused", "name": "c2VjcmV0.evil.example", "qtype": 16,
             "client": "192.168.38.1"}  # fmt: skip
-    assert _format_audit(line) == "t  REFUSED  DNS c2VjcmV0.evil.example (type 16)"
-    dropped = {"time": "t", "event": "dns", "decision": "dropped", "reason": "not a query"}
-    assert _format_audit(dropped) == "t  DROPPED  DNS not a query"
+    assert _format_audit(line) == "t  REFUSED  DNS c2VjcmV0.evil.example (type 16)  from 192.168.38.1"
+    dropped = {"time": "t", "event": "dns", "decision": "dropped", "reason": "not a query", "client": "10.0.0.3"}
+    assert _format_audit(dropped) == "t  DROPPED  DNS not a query  from 10.0.0.3"

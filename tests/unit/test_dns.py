@@ -366,3 +366,20 @@ def test_the_running_bundle_refuses_dns_and_logs_it_on_stdout(tmp_path):
     assert [(e["event"], e["decision"], e["name"], e["qtype"]) for e in entries] == [("dns", "refused",
                                                                                       "leak.example", 16)]  # fmt: skip
     assert f"refusing DNS on :{dns_port}" in err
+
+
+def test_only_the_agents_network_is_answered_when_the_bundle_names_its_clients():
+    from ipaddress import ip_network
+
+    from bottle.bundle.dns import handle
+
+    audit: list[dict] = []
+    agents = [ip_network("10.9.0.0/24")]
+    message = query("example.invalid", 1, ident=9)
+    assert handle(message, "10.9.0.3", audit.append, agents) is not None
+    assert handle(message, "10.9.1.1", audit.append, agents) is None  # the host, on the egress network
+    assert handle(message, "not-an-address", audit.append, agents) is None
+    assert [(e["decision"], e["client"]) for e in audit] == [
+        ("refused", "10.9.0.3"), ("dropped", "10.9.1.1"), ("dropped", "not-an-address")
+    ]
+    assert audit[1]["reason"] == "not the agent's address" and "name" not in audit[1]
