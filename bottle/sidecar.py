@@ -382,7 +382,8 @@ def start_bundle(client: docker.DockerClient, site: BundleSite, owner: str, stat
         memswap_limit="1g",
         pids_limit=256,
         nano_cpus=int(cpus * 1e9),
-        sysctls={"net.ipv4.ip_forward": "0"},
+        # It forwards nothing, and answers ARP on each network for that network's own address alone.
+        sysctls={"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.arp_ignore": "1"},
     )
     undo.push(f"container {container.name}", lambda: container.remove(force=True))
     try:

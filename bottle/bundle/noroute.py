@@ -18,7 +18,8 @@ sends from the agent without any route, to 255.255.255.255, to multicast, or to 
 addresses, and the host's stack takes it off the bridge. The bridge has no IPv4 address (the network is
 made with inhibit_ipv4), so with rp_filter on, the kernel finds no valid path back to any source there
 and drops every packet the agent sends to the host, whatever the mode `all` is set to. Frames between
-the agent and the bundle are bridged, never routed, and are not touched.
+the agent and the bundle are bridged, never routed, and are not touched. IPv6 is switched off on the
+bridge too, so the host has no link-local address there.
 """
 
 from __future__ import annotations
@@ -52,16 +53,19 @@ def delete_default_route(sock: socket.socket, seq: int) -> int:
     return -struct.unpack_from("=i", reply, 16)[0] if kind == NLMSG_ERROR else 0
 
 
-def rp_filter(interface: str, proc: Path = Path("/proc/sys/net/ipv4/conf")) -> str | None:
-    """Set strict reverse-path filtering on `interface`; None if it holds, else why not."""
+def rp_filter(interface: str, proc: Path = Path("/proc/sys/net")) -> str | None:
+    """Set strict reverse-path filtering on `interface`, and switch IPv6 off there (no link-local
+    address of the host's on the agent's bridge either); None if both hold, else why not."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", interface):
         return f"{interface!r} is not an interface name"
-    setting = proc / interface / "rp_filter"
-    try:
-        setting.write_text("1\n")
-        return None if setting.read_text().strip() == "1" else f"{setting} did not keep 1"
-    except OSError as exc:
-        return f"cannot set {setting}: {exc.strerror}"
+    for setting in (proc / "ipv4" / "conf" / interface / "rp_filter", proc / "ipv6" / "conf" / interface / "disable_ipv6"):
+        try:
+            setting.write_text("1\n")
+            if setting.read_text().strip() != "1":
+                return f"{setting} did not keep 1"
+        except OSError as exc:
+            return f"cannot set {setting}: {exc.strerror}"
+    return None
 
 
 def rp_filter_main(interface: str) -> int:

@@ -49,13 +49,14 @@ def test_up_attach_ls_down(engine, slug, home, manifest):
     host = agent["HostConfig"]
     assert list(agent["NetworkSettings"]["Networks"]) == [f"bottle-{slug}"]
     assert engine.networks.get(f"bottle-{slug}").attrs["Internal"] is True
-    assert (host["CapDrop"], host["ReadonlyRootfs"], host["SecurityOpt"], host["Privileged"]) == (
-        ["ALL"], True, ["no-new-privileges"], False)  # fmt: skip
+    assert (host["CapDrop"], host["ReadonlyRootfs"], host["SecurityOpt"][0], host["Privileged"]) == (
+        ["ALL"], True, "no-new-privileges", False)  # fmt: skip
+    assert host["SecurityOpt"][1].startswith('seccomp={"defaultAction"')  # bottle's profile: see the vsock test
     assert (host["PidsLimit"], host["Memory"], host["NanoCpus"]) == (1024, 2 << 30, 2 * 10**9)
     assert agent["Config"]["User"] == "65534:65534"  # the tests run as root: nobody, never root
     assert not host.get("Binds") or all(":/var/run/docker.sock" not in b for b in host["Binds"])
     bundle = engine.containers.get(f"bottle-{slug}-bundle").attrs["HostConfig"]
-    assert (bundle["Memory"], bundle["PidsLimit"], bundle["Sysctls"]) == (1 << 30, 256, {"net.ipv4.ip_forward": "0"})
+    assert (bundle["Memory"], bundle["PidsLimit"], bundle["Sysctls"]) == (1 << 30, 256, {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.arp_ignore": "1"})
 
     # The host reaches the bundle's egress address (that is how `up` waits for it) but the proxy serves
     # the agent's network alone: a host user's request is closed unread and logged.
@@ -149,12 +150,33 @@ def test_a_bottle_not_run_as_root_filters_the_bridge_through_a_helper(engine, sl
     try:
         plan = DockerBottlePlan.model_validate_json((home / "bottles" / slug / "plan.json").read_text())
         setting = Path(f"/proc/sys/net/ipv4/conf/br-{plan.network_id[:12]}/rp_filter")
-        assert setting.read_text().strip() == "1"  # what `up` set
+        no_ipv6 = Path(f"/proc/sys/net/ipv6/conf/br-{plan.network_id[:12]}/disable_ipv6")
+        assert setting.read_text().strip() == no_ipv6.read_text().strip() == "1"  # what `up` set
         setting.write_text("0\n")
+        no_ipv6.write_text("0\n")
         monkeypatch.setattr(launch.os, "geteuid", lambda: 1000)
         monkeypatch.setattr(launch.noroute, "rp_filter", lambda name: pytest.fail("wrote /proc/sys directly"))
         launch.shut_host_off(engine, plan, StateStore(home).owner())
-        assert setting.read_text().strip() == "1"
+        assert setting.read_text().strip() == no_ipv6.read_text().strip() == "1"
         assert engine.containers.list(all=True, filters={"label": ["bottle.role=helper", f"bottle.slug={slug}"]}) == []
+    finally:
+        bottle("down", slug)
+
+
+def test_the_agent_cannot_open_vsock_or_make_a_user_namespace(engine, slug, home, manifest):
+    """vsock reaches the hypervisor past every network namespace; a user namespace widens the kernel
+    surface. The Engine here allows the first by default: bottle's seccomp profile shuts both."""
+    assert bottle("up", "-f", manifest(), "--detach").returncode == 0
+    try:
+        agent = engine.containers.get(f"bottle-{slug}-agent")
+        script = (
+            "import socket, subprocess\n"
+            "try:\n    socket.socket(40, socket.SOCK_STREAM); print('vsock open')\n"
+            "except OSError as exc:\n    print('vsock', exc.errno)\n"
+            "print('unshare', subprocess.run(['unshare', '-U', 'true']).returncode)\n"
+            "print('inet', socket.socket().family)\n"
+        )
+        said = agent.exec_run(["python3", "-c", script], stderr=False).output.decode().split("\n")
+        assert said[:3] == ["vsock 97", "unshare 1", "inet 2"], said
     finally:
         bottle("down", slug)

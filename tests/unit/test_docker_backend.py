@@ -41,3 +41,16 @@ def test_audit_fields_cannot_draw_on_the_terminal():
                           "path": "/\x1b[1A\x1b[2K\x07\u202e", "reason": "r\n"})  # fmt: skip
     assert line == "t  DENY   G\\x1bET h:1/\\x1b[1A\\x1b[2K\\x07\\u202e  r\\n"
     assert all(c.isprintable() for c in line)
+
+
+def test_the_host_side_job_sets_both_settings_and_refuses_a_bad_interface_name(tmp_path):
+    from bottle.bundle.noroute import rp_filter
+
+    for family, name in (("ipv4", "rp_filter"), ("ipv6", "disable_ipv6")):
+        (tmp_path / family / "conf" / "br-0123456789ab").mkdir(parents=True)
+        (tmp_path / family / "conf" / "br-0123456789ab" / name).write_text("0\n")
+    assert rp_filter("br-0123456789ab", tmp_path) is None
+    assert (tmp_path / "ipv4/conf/br-0123456789ab/rp_filter").read_text() == "1\n"
+    assert (tmp_path / "ipv6/conf/br-0123456789ab/disable_ipv6").read_text() == "1\n"
+    assert rp_filter("../../all", tmp_path) == "'../../all' is not an interface name"
+    assert rp_filter("br-missing", tmp_path).startswith("cannot set ")

@@ -38,6 +38,32 @@ WORKDIR = "/workspace"
 # The container's main process: nothing, under docker's init (which reaps what the agent leaves behind).
 WORKLOAD = ["sleep", "2147483647"]
 NOBODY = "65534:65534"
+CLONE_NEWUSER, AF_VSOCK = 0x10000000, 40
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
+
+
+def _deny(names: list[str], errno: int, *args: dict[str, int | str]) -> dict[str, Any]:
+    return {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno, "args": list(args)}
+
+
+# The agent's seccomp profile. It replaces the Engine's default, which is an allowlist bottle cannot
+# extend (some Engines, this project's CI among them, let containers open AF_VSOCK sockets, a way to the
+# hypervisor that no network namespace or bundle sees). Everything is allowed but what an unprivileged
+# process can still reach that matters here: vsock; new user namespaces (and clone3, whose flags seccomp
+# cannot read: ENOSYS makes libc fall back to clone); the kernel keyring, BPF, perf events, userfaultfd
+# and io_uring. What needs a capability stays shut by dropping them all. No `architectures`: the native
+# one alone, so a 32-bit syscall (and socketcall, which hides socket's family) is killed outright.
+SECCOMP = json.dumps({
+    "defaultAction": "SCMP_ACT_ALLOW",
+    "syscalls": [
+        _deny(["socket", "socketpair"], EAFNOSUPPORT, {"index": 0, "value": AF_VSOCK, "op": "SCMP_CMP_EQ"}),
+        *(_deny([name], EPERM, {"index": 0, "value": CLONE_NEWUSER, "valueTwo": CLONE_NEWUSER,
+                                "op": "SCMP_CMP_MASKED_EQ"}) for name in ("unshare", "clone")),  # fmt: skip
+        _deny(["clone3"], ENOSYS),
+        _deny(["keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
+               "io_uring_enter", "io_uring_register"], EPERM),  # fmt: skip
+    ],
+})
 # No address of the host's on the agent's network: an internal bridge otherwise carries the gateway IP
 # on the host, where every service listening on 0.0.0.0 answers the agent.
 INTERNAL_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
@@ -187,7 +213,7 @@ def agent_container_spec(plan: DockerBottlePlan, user: str, owner: str) -> dict[
         "tmpfs": {"/tmp": "size=512m,mode=1777"} | workspace["tmpfs"],
         "read_only": True,
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        "security_opt": ["no-new-privileges", f"seccomp={SECCOMP}"],
         "sysctls": {"net.ipv6.conf.all.disable_ipv6": "1"},  # the bundle is IPv4; no link-local paths either
         "ipc_mode": "private",
         "init": True,
