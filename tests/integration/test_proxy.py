@@ -447,3 +447,21 @@ def test_only_the_agents_network_may_use_the_proxy(tmp_path):
             time.sleep(0.05)
     # One line per connection (the readiness check's too), each a refusal; never a request.
     assert audit and {(e["event"], e["decision"], e["client"]) for e in audit} == {("client", "refused", "127.0.0.1")}
+
+
+def test_a_body_over_the_size_limit_is_refused_before_it_is_read(world):
+    plain = world["plain"]
+    with socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10) as sock:
+        status, _ = exchange(sock, f"POST http://upstream.test:{plain}/echo HTTP/1.1\r\nHost: upstream.test:{plain}\r\n"
+                                   "Content-Length: 200000000\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+    assert status == 413
+
+
+def test_an_h2c_upgrade_is_stripped_before_the_upstream(world):
+    plain = world["plain"]
+    with socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10) as sock:
+        status, body = exchange(sock, f"GET http://upstream.test:{plain}/echo HTTP/1.1\r\nHost: upstream.test:{plain}\r\n"
+                                      "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+                                      "Connection: close\r\n\r\n".encode())  # fmt: skip
+    assert status == 200
+    assert not {"upgrade", "http2-settings"} & {k.lower() for k in json.loads(body)["headers"]}
