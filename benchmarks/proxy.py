@@ -52,15 +52,14 @@ def table_resolver(host: str, port: int):
 
 def run_bundle(config_json: str, ca_file: str, table: dict[str, str], port: int, upstream_ca: str,
                dns_port: int) -> None:
-    """The bundle's proxy in its own process (so the load generator does not share its GIL)."""
-    import asyncio
-
-    from bottle.bundle.__main__ import serve
+    """The bundle's proxy in its own process (so the load generator does not share its GIL), on the event
+    loop the bundle's entry point uses."""
+    from bottle.bundle.__main__ import run, serve
 
     TABLE.update(table)
     config = BundleConfig.model_validate_json(config_json).model_copy(update={"port": port, "dns_port": dns_port})
-    asyncio.run(serve(config, {}, Path(ca_file), listen_host="127.0.0.1", resolver=table_resolver,
-                      audit=lambda entry: None, upstream_ca=Path(upstream_ca)))  # fmt: skip
+    run(serve(config, {}, Path(ca_file), listen_host="127.0.0.1", resolver=table_resolver,
+              audit=lambda entry: None, upstream_ca=Path(upstream_ca)))  # fmt: skip
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:

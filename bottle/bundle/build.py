@@ -15,7 +15,7 @@ import docker
 from bottle.errors import EnvironmentProblem
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the bottle package directory
-REQUIREMENTS = ["mitmproxy>=11,<12", "pydantic>=2.6,<3"]
+REQUIREMENTS = ["mitmproxy>=11,<12", "pydantic>=2.6,<3", "uvloop>=0.19,<1"]
 DEFAULT_BASE = "python:3.11-slim"
 DEFAULT_TAG = "bottle-bundle:latest"
 

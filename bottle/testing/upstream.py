@@ -106,10 +106,10 @@ def echo_server(host: str, *, tls_names: list[str] | None = None, workdir: Path 
 @contextmanager
 def running_bundle(config, secrets: dict[str, str], ca_file: Path, resolver, audit, upstream_ca=None) -> Iterator[int]:
     """Run the bundle's proxy on 127.0.0.1 (a free port) in a thread; yield its port."""
-    from bottle.bundle.__main__ import serve
+    from bottle.bundle.__main__ import new_loop, serve
 
     with_port = config.model_copy(update={"port": free_port()})
-    loop = asyncio.new_event_loop()
+    loop = new_loop()  # the loop the bundle runs on, so the tests see what it does
     task: list[asyncio.Task] = []
 
     def run() -> None:

@@ -6,6 +6,7 @@ The upstream servers listen on the host's address on a docker bridge network thi
 
 import http.client
 import json
+import re
 import socket
 import ssl
 import struct
@@ -321,8 +322,9 @@ def test_the_credential_never_travels_in_cleartext(world):
         assert "x-api-key" not in received and SECRET not in json.dumps(received)
 
 
-@pytest.mark.parametrize(("host", "port_key", "why"), [("upstream.test", "closed", "connect call failed"),
-                                                        ("untrusted.test", "untrusted", "certificate")])  # fmt: skip
+@pytest.mark.parametrize(("host", "port_key", "why"),
+                         [("upstream.test", "closed", "connect call failed|connection refused"),  # asyncio|uvloop
+                          ("untrusted.test", "untrusted", "certificate")])  # fmt: skip
 def test_a_failed_request_gets_exactly_one_audit_line(world, host, port_key, why):
     before = len(world["audit"])
     with tunnel(world, host, world[port_key]) as sock:
@@ -335,7 +337,7 @@ def test_a_failed_request_gets_exactly_one_audit_line(world, host, port_key, why
     [connect, entry] = world["audit"][before:]  # the tunnel, then the request in it
     assert (connect["method"], connect["decision"]) == ("CONNECT", "allow")
     assert (entry["decision"], entry["host"], entry["path"]) == ("error", host, "/x?token=REDACTED")
-    assert why in entry["reason"].lower() and "sk-leak" not in json.dumps(entry)
+    assert re.search(why, entry["reason"].lower()) and "sk-leak" not in json.dumps(entry)
 
 
 def test_an_ipv6_form_of_loopback_is_refused(world):
@@ -460,8 +462,9 @@ def test_a_body_over_the_size_limit_is_refused_before_it_is_read(world):
 def test_an_h2c_upgrade_is_stripped_before_the_upstream(world):
     plain = world["plain"]
     with socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10) as sock:
-        status, body = exchange(sock, f"GET http://upstream.test:{plain}/echo HTTP/1.1\r\nHost: upstream.test:{plain}\r\n"
-                                      "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+        status, body = exchange(sock, f"GET http://upstream.test:{plain}/echo HTTP/1.1\r\n"
+                                      f"Host: upstream.test:{plain}\r\nUpgrade: h2c\r\n"
+                                      "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
                                       "Connection: close\r\n\r\n".encode())  # fmt: skip
     assert status == 200
     assert not {"upgrade", "http2-settings"} & {k.lower() for k in json.loads(body)["headers"]}
