@@ -428,29 +428,6 @@ def test_every_dns_query_is_refused_and_logged_with_its_name(world, transport):
     assert (entry["decision"], entry["qtype"], entry["client"]) == ("refused", 16, "127.0.0.1") and "time" in entry
 
 
-def test_only_the_agents_network_may_use_the_proxy(tmp_path):
-    """A bundle told its clients (the docker backend's agent network) closes anyone else's connection
-    before reading it, and says so once in the audit log: no host user gets a credential added."""
-    key, cert = create_ca("bottle test bundle CA")
-    (tmp_path / CA_FILE).write_bytes(key + cert)
-    audit: list[dict] = []
-    config = BundleConfig(allow=[Rule(host="upstream.test", ports=[443])], clients=[ip_network("10.99.0.0/16")],
-                          dns_port=free_port(udp=True))  # fmt: skip
-    with running_bundle(config, {}, tmp_path / CA_FILE, lambda h, p: [ip_address("10.99.1.1")], audit.append) as port:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(b"CONNECT upstream.test:443 HTTP/1.1\r\nHost: upstream.test:443\r\n\r\n")
-            try:
-                answer = conn.recv(1024)
-            except ConnectionResetError:
-                answer = b""
-        assert answer == b""
-        deadline = time.monotonic() + 5
-        while not audit and time.monotonic() < deadline:
-            time.sleep(0.05)
-    # One line per connection (the readiness check's too), each a refusal; never a request.
-    assert audit and {(e["event"], e["decision"], e["client"]) for e in audit} == {("client", "refused", "127.0.0.1")}
-
-
 def test_a_body_over_the_size_limit_is_refused_before_it_is_read(world):
     plain = world["plain"]
     with socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10) as sock:
