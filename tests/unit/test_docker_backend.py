@@ -54,3 +54,20 @@ def test_the_host_side_job_sets_both_settings_and_refuses_a_bad_interface_name(t
     assert (tmp_path / "ipv6/conf/br-0123456789ab/disable_ipv6").read_text() == "1\n"
     assert rp_filter("../../all", tmp_path) == "'../../all' is not an interface name"
     assert rp_filter("br-missing", tmp_path).startswith("cannot set ")
+
+
+def test_an_adopted_agent_network_that_gives_the_host_an_address_is_refused(tmp_path):
+    from bottle.backends.docker import DockerBackend
+    from bottle.errors import BottleError
+    from bottle.manifest import parse_manifest
+    from bottle.state import StateStore
+    from bottle.testing import FakeDocker
+
+    fake, state = FakeDocker(), StateStore(tmp_path / "state")
+    backend = DockerBackend(routes=[])
+    manifest = parse_manifest({"name": "adopt", "backend": "docker", "agent": {"image": "a:1"}})
+    report = backend.preflight(docker=fake)
+    plan = backend.prepare(manifest, docker=fake, state=state, preflight=report)
+    fake.engine.find_network(plan.network_id)["Options"] = {}  # as a network made without inhibit_ipv4
+    with pytest.raises(BottleError, match="gives the host an address on it"):
+        backend.prepare(manifest, docker=fake, state=state, preflight=report)

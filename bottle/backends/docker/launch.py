@@ -138,8 +138,10 @@ def prepare_parts(
     owner = state.owner(create=True)
     agent, egress = (sidecar.ensure_network(client, spec, owner, pool, routes, undo) for spec in network_specs(slug))
     inside, out = sidecar.adopted_addresses(agent), sidecar.adopted_addresses(egress)
-    if agent.attrs.get("Internal") is not True:
-        raise BottleError(f"docker network {agent.name} is not internal; remove it (`bottle down {slug}`) and try again")
+    options = agent.attrs.get("Options") or {}
+    if agent.attrs.get("Internal") is not True or any(options.get(k) != v for k, v in INTERNAL_OPTIONS.items()):
+        raise BottleError(f"docker network {agent.name} is not internal, or gives the host an address on it; "
+                          f"remove it (`bottle down {slug}`) and try again")  # fmt: skip
     result = build_plan(manifest, state, (inside, out), (agent.id, egress.id))
     # The proxy serves the agent's network alone: a host user reaching the bundle's egress address is refused.
     sidecar.write_bundle_files(manifest, state, result.bundle_dir, result.guest_dir, [inside.subnet, out.subnet],
