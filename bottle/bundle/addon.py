@@ -293,7 +293,8 @@ class BottlePolicy:
             return
         client.error = "bottle: refused: not the agent's address"
         self._log(None, None, event="client", decision="refused", client=str(peer),
-                  reason=f"{peer} is not on the agent's network; only the agent may use this proxy")  # fmt: skip
+                  reason=f"{peer} is not on the agent's network; only the agent may use this proxy (bottle up's "
+                         "readiness check, from the host, is refused this way too)")  # fmt: skip
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._tunnels.pop(client.id, None)
