@@ -14,7 +14,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -418,6 +419,49 @@ def wait_until_ready(client: docker.DockerClient, container_name: str, ip: IPv4A
                 f"its last log lines: {logs or '(none)'}",
             )
         time.sleep(0.1)
+
+
+def bring_up_bundle(
+    manifest: Manifest, client: docker.DockerClient, state: StateStore, site: BundleSite, owner: str, undo: Undo,
+    on_step: Progress, ready_timeout: float,
+) -> None:  # fmt: skip
+    """`up`'s bundle steps, the same for every backend: its secrets, its container, and the wait until its
+    proxy answers (from the host, on its egress address where it has one)."""
+    step("secrets", lambda: write_secrets(manifest, site.bundle_dir, state))
+    step("bundle start", lambda: start_bundle(client, site, owner, state, undo))
+    on_step("bundle start", f"{site.container_name} at {site.ip}")
+    step("bundle ready", lambda: wait_until_ready(client, site.container_name, site.egress_ip or site.ip, ready_timeout))
+    on_step("bundle ready", f"proxy answers at http://{site.ip}:{PROXY_PORT}")
+
+
+@contextmanager
+def undone_on_failure(slug: str) -> Iterator[Undo]:
+    """Yield an Undo for `up`; on any failure or interrupt, undo it newest first and re-raise, a failed
+    step's reason saying what was removed or what is left."""
+    undo = Undo()
+    try:
+        yield undo
+    except BaseException as exc:
+        left = undo.leftovers(slug)
+        if isinstance(exc, StepFailed):
+            raise StepFailed(exc.step, f"{exc.reason}; {left or 'what this run created was removed'}") from exc
+        raise
+
+
+def prepare(prepare_parts: Callable[..., Any], manifest: Manifest, client: docker.DockerClient, state: StateStore,
+            **options: Any) -> Any:  # fmt: skip
+    """A backend's `prepare`: run its `prepare_parts(manifest, client, state, undo, **options)`; if anything
+    fails, what this call created is removed again, and what cannot be is named."""
+    undo = Undo()
+    try:
+        return prepare_parts(manifest, client, state, undo, **options)
+    except Exception as exc:
+        if left := undo.leftovers(manifest.slug):
+            raise BottleError(f"{exc}; {left}") from exc
+        raise
+    except BaseException:
+        undo.run()
+        raise
 
 
 def step(name: str, action: Callable[[], Any]) -> Any:

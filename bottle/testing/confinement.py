@@ -30,13 +30,10 @@ import io
 import json
 import os
 import secrets
-import socket
 import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from ipaddress import IPv4Network, ip_network
 from typing import Any
 
@@ -45,6 +42,7 @@ import pytest
 
 from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.backend import Backend
+from bottle.backends.smolmachines.probe import listener
 from bottle.bundle.ca import create_ca
 from bottle.manifest import parse_manifest
 from bottle.plan import BottlePlan
@@ -198,46 +196,6 @@ def trusting_image(engine: docker.DockerClient, bundle_image: str, ca_pem: bytes
     return tag
 
 
-@contextmanager
-def host_listener() -> Iterator[tuple[int, list[str]]]:
-    """A TCP and UDP listener on every host address, on one port; yields the port and who reached it."""
-    port = free_port("0.0.0.0", udp=True)
-    seen: list[str] = []
-    stop = threading.Event()
-    tcp = socket.socket()
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", port))
-    tcp.listen()
-    tcp.settimeout(0.2)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", port))
-    udp.settimeout(0.2)
-
-    def accept() -> None:
-        while not stop.is_set():
-            for sock in (tcp, udp):
-                try:
-                    if sock is tcp:
-                        peer, where = tcp.accept()
-                        peer.close()
-                        seen.append(f"tcp from {where[0]}")
-                    else:
-                        _, where = udp.recvfrom(512)
-                        seen.append(f"udp from {where[0]}")
-                except OSError:
-                    continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield port, seen
-    finally:
-        stop.set()
-        thread.join()
-        tcp.close()
-        udp.close()
-
-
 def gateways(engine: docker.DockerClient, container_name: str) -> dict[str, str]:
     """The gateway address (.1) of every network a container is attached to, by network name."""
     container = engine.containers.get(container_name)
@@ -318,7 +276,7 @@ class ConfinementSuite:
             report = backend.preflight(docker=engine)
             plan = backend.up(manifest, docker=engine, state=state, preflight=report, on_step=lambda s, d: None)
             decoy_net.connect(plan.bundle_container_name)  # type: ignore[attr-defined]
-            with host_listener() as (port, seen):
+            with listener("0.0.0.0") as (port, seen):  # every host address, TCP and UDP
                 yield Bottle(
                     plan=plan, decoy_name=decoy_name, decoy_ip=decoy_ip, decoy_subnet=decoy_subnet,
                     published_port=published, secret=secret, listener_port=port, seen=seen,
@@ -374,9 +332,10 @@ class ConfinementSuite:
         echoed = json.loads(got["body"])
         assert echoed["path"] == "/hello?q=1"
         assert {k.lower(): v for k, v in echoed["headers"].items()}[CREDENTIAL_HEADER] == bottle.secret
-        entries = [e for e in self.audit(engine, bottle) if e.get("host") == bottle.decoy_name]
+        audit = self.audit(engine, bottle)
+        entries = [e for e in audit if e.get("host") == bottle.decoy_name]
         assert entries and entries[-1]["decision"] == "allow"
-        assert bottle.secret not in json.dumps(self.audit(engine, bottle))
+        assert bottle.secret not in json.dumps(audit)
 
     def test_the_credential_is_nowhere_in_the_agent(self, backend, engine, bottle) -> None:
         half = len(bottle.secret) // 2

@@ -152,16 +152,7 @@ def prepare_parts(
 
 def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, **options: Any) -> DockerBottlePlan:
     """Create the bottle's networks (or adopt them), write its bundle config and CA, save its plan."""
-    undo = Undo()
-    try:
-        return prepare_parts(manifest, client, state, undo, **options)
-    except Exception as exc:
-        if left := undo.leftovers(manifest.slug):
-            raise BottleError(f"{exc}; {left}") from exc
-        raise
-    except BaseException:
-        undo.run()
-        raise
+    return sidecar.prepare(prepare_parts, manifest, client, state, **options)
 
 
 def ensure_image(client: docker.DockerClient, image: str) -> Any:
@@ -310,24 +301,13 @@ def up(
     on_step: Progress, ready_timeout: float,
 ) -> DockerBottlePlan:  # fmt: skip
     """Bring the bottle up, or adopt the parts that are already up; undo this run's work on any failure."""
-    undo = Undo()
-    try:
+    with sidecar.undone_on_failure(manifest.slug) as undo:
         plan = step("network", lambda: prepare_parts(manifest, client, state, undo, **prepare_options))
         owner = state.owner(create=True)
         on_step("network", f"{plan.network_name} {plan.bundle_subnet} (internal), {plan.egress_network_name}")
-        step("secrets", lambda: sidecar.write_secrets(manifest, plan.bundle_dir, state))
-        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, state, undo))
-        on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
-        step("bundle ready", lambda: sidecar.wait_until_ready(client, plan.bundle_container_name, plan.egress_ip,
-                                                              ready_timeout))  # fmt: skip
-        on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
+        sidecar.bring_up_bundle(manifest, client, state, plan.site, owner, undo, on_step, ready_timeout)
         step("agent", lambda: ensure_agent(client, plan, owner, undo, on_step))
         on_step("agent", f"{plan.agent_container_name} on {plan.network_name} only")
-    except BaseException as exc:
-        left = undo.leftovers(manifest.slug)
-        if isinstance(exc, StepFailed):
-            raise StepFailed(exc.step, f"{exc.reason}; {left or 'what this run created was removed'}") from exc
-        raise
     return plan
 
 

@@ -134,26 +134,15 @@ def up(
     probe_timeout: float = 60.0,
 ) -> SmolmachinesBottlePlan:
     """Bring the bottle up, or adopt the parts that are already up; undo this run's work on any failure."""
-    undo = Undo()
-    try:
+    with sidecar.undone_on_failure(manifest.slug) as undo:
         plan = step("network", lambda: prepare_parts(manifest, client, state, undo, **prepare_options))
         owner = state.owner(create=True)
         on_step("network", f"{plan.network_name} {plan.bundle_subnet}")
-        step("secrets", lambda: sidecar.write_secrets(manifest, plan.bundle_dir, state))
-        step("bundle start", lambda: sidecar.start_bundle(client, plan.site, owner, state, undo))
-        on_step("bundle start", f"{plan.bundle_container_name} at {plan.bundle_ip}")
-        step("bundle ready", lambda: sidecar.wait_until_ready(client, plan.bundle_container_name, plan.bundle_ip,
-                                                              ready_timeout))  # fmt: skip
-        on_step("bundle ready", f"proxy answers at {plan.proxy_url}")
+        sidecar.bring_up_bundle(manifest, client, state, plan.site, owner, undo, on_step, ready_timeout)
         image = step("image", lambda: image_source(client, plan, state, on_step))
         step("machine", lambda: ensure_machine(smolvm, plan, state, owner, image, undo, on_step))
         step("probe", lambda: probe.confined(smolvm, plan, timeout=probe_timeout))
         on_step("probe", f"{plan.machine_name} reaches its bundle and nothing else it was tried on")
-    except BaseException as exc:
-        left = undo.leftovers(manifest.slug)
-        if isinstance(exc, StepFailed):
-            raise StepFailed(exc.step, f"{exc.reason}; {left or 'what this run created was removed'}") from exc
-        raise
     return plan
 
 

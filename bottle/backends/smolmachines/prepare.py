@@ -10,7 +10,6 @@ from bottle import sidecar
 from bottle.addressing import Addresses
 from bottle.backends.smolmachines import smolfile
 from bottle.backends.smolmachines.plan import SmolmachinesBottlePlan
-from bottle.errors import BottleError
 from bottle.manifest import Manifest
 from bottle.sidecar import NetworkSpec, resource_name
 from bottle.state import PLAN_FILE, StateStore
@@ -96,13 +95,4 @@ def prepare(manifest: Manifest, client: docker.DockerClient, state: StateStore, 
 
     If anything fails, what this call created is removed again.
     """
-    undo = Undo()
-    try:
-        return prepare_parts(manifest, client, state, undo, **options)
-    except Exception as exc:
-        if left := undo.leftovers(manifest.slug):
-            raise BottleError(f"{exc}; {left}") from exc
-        raise
-    except BaseException:
-        undo.run()
-        raise
+    return sidecar.prepare(prepare_parts, manifest, client, state, **options)
