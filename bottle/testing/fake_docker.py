@@ -316,7 +316,7 @@ class FakeEngine:
         network = self.find_network(ref)
         container = self.find_container(body["Container"])
         networks = container["NetworkSettings"]["Networks"]
-        if network["Name"] in networks:
+        if network["Name"] in networks and container["State"]["Running"]:  # (a created one is just updated)
             raise EngineError(
                 403, f"endpoint with name {container['Name'].lstrip('/')} already exists in network {network['Name']}"
             )

@@ -89,11 +89,26 @@ def container_script(client: docker.DockerClient, slug: str, subnet: str, image:
         outcome(first.remove)[:2],
         first.logs(tail=5),
         outcome(lambda: client.images.get("bottle-test-bundle:none")),
+        "runc" in (client.info().get("Runtimes") or {}),
     ]
-    for container in (first, same_ip, elsewhere, plain):
+    # What the docker backend adds: an internal network with driver options, a second network connected
+    # at a pinned address before start, and a one-shot container in another's network namespace.
+    inner = client.networks.create(
+        f"{slug}-i", internal=True, options={"com.docker.network.bridge.inhibit_ipv4": "true"}, labels={TEST_LABEL: slug}
+    )
+    results.append((inner.attrs["Internal"], inner.attrs["Options"]))
+    results.append(outcome(lambda: inner.connect(plain)))
+    results.append(tuple(str(p).replace(plain.name, "<name>") for p in outcome(lambda: inner.connect(plain))))
+    plain.reload()
+    results.append(sorted(plain.attrs["NetworkSettings"]["Networks"]))
+    helper = client.containers.create(image, ["true"], network_mode=f"container:{first.id}", labels={TEST_LABEL: slug})
+    helper.start()
+    results.append(helper.wait(timeout=30))
+    for container in (first, same_ip, elsewhere, plain, helper):
         container.remove(force=True)
     results.append(outcome(lambda: client.containers.get(f"{slug}-a")))
     network.remove()
+    inner.remove()
     return results
 
 
@@ -107,3 +122,4 @@ def test_fake_docker_containers_answer_like_the_real_engine(engine, slug, bundle
     assert container_script(fake, slug, subnet, image) == real
     assert real[5] == ("APIError", 403, "Address already in use")
     assert real[:2] == [[f"{slug}-{x}" for x in "abcd"], [f"{slug}-a"]]  # the script did see the difference
+    assert (True, {"com.docker.network.bridge.inhibit_ipv4": "true"}) in real and {"Error": None, "StatusCode": 0} in real
