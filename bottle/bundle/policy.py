@@ -31,6 +31,7 @@ NEVER = [
         "::/128", "::1/128", "fe80::/10", "fec0::/10", "ff00::/8",
         "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): its IPv4 may sit anywhere in the address
         "100.100.100.200/32", "fd00:ec2::254/128",  # cloud metadata services inside opt-in ranges
+        "168.63.129.16/32",  # Azure's WireServer: a public address that hands VMs their provisioning secrets
     )
 ]  # fmt: skip
 # IPv6 forms that carry an IPv4 address; the IPv4 inside is checked as if it had been resolved itself.

@@ -109,6 +109,11 @@ def test_cloud_metadata_addresses_are_refused_inside_opted_in_ranges():
         assert not policy([rule], dns={"meta.example.com": [address]}).decide("meta.example.com", 443).allowed
 
 
+def test_azure_wireserver_is_refused_though_it_is_a_public_address():
+    decision = policy([Rule(host="wire.example.com")], dns={"wire.example.com": ["168.63.129.16"]})
+    assert not decision.decide("wire.example.com", 80).allowed
+
+
 @pytest.mark.parametrize("cidr", ["127.0.0.0/8", "169.254.0.0/16", "8.8.8.0/24", "0.0.0.0/0"])
 def test_only_private_ranges_can_be_opted_in(cidr):
     with pytest.raises(ValueError, match="only private CIDRs can be opted in"):

@@ -47,7 +47,7 @@ def _carried(address) -> list:
 
 def _never(address) -> bool:
     return (address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
-            or address.is_reserved or address in OWN or str(address) in {"100.100.100.200", "fd00:ec2::254"})  # fmt: skip
+            or address.is_reserved or address in OWN or str(address) in {"100.100.100.200", "fd00:ec2::254", "168.63.129.16"})  # fmt: skip
 
 
 def policy(rules, table):
