@@ -8,7 +8,7 @@ no arguments, so anything machine-specific is read from the environment in `__in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -132,12 +132,16 @@ class Backend(ABC):
     name: ClassVar[str]
     #: The pydantic model of this backend's plans; `bottle` reads plans from disk with it.
     plan_type: ClassVar[type[BottlePlan]]
+    #: Whether it runs bottles on the Docker Engine. One that does not is passed `docker=None` and is
+    #: usable where no Engine is.
+    needs_docker: ClassVar[bool] = True
 
     @abstractmethod
-    def preflight(self, *, docker: docker.DockerClient | None) -> PreflightReport:
+    def preflight(self, *, docker: docker.DockerClient | None, manifest: Manifest | None = None) -> PreflightReport:
         """Check that this machine can run the backend's bottles; report every problem, never raise.
 
-        `docker` is None when no Docker Engine could be reached. No side effects: only look.
+        `docker` is None when no Docker Engine could be reached. `manifest`, when given, is the bottle
+        about to be planned or started, for checks that depend on it. No side effects: only look.
         """
 
     @abstractmethod
@@ -192,6 +196,14 @@ class Backend(ABC):
         run commands in its agent leaves it unimplemented.
         """
         raise NotImplementedError(f"backend '{self.name}' cannot run commands in its agent")
+
+    def bundle_log(self, slug: str, *, docker: docker.DockerClient | None, state: StateStore,
+                   follow: bool) -> Iterable[bytes]:  # fmt: skip
+        """The bundle's audit log as it streams (one JSON object a line); the default reads the stdout of
+        the bottle's bundle container on the Docker Engine."""
+        from bottle import sidecar
+
+        return sidecar.bundle_log(docker, state, slug, follow=follow)
 
     @abstractmethod
     def down(self, slug: str, *, docker: docker.DockerClient, state: StateStore) -> list[str]:

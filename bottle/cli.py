@@ -14,15 +14,17 @@ from typing import Any
 import click
 import docker
 import requests
+import yaml
+from kubernetes.client.rest import ApiException
 
 from bottle import registry
-from bottle.backend import (
-    LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, LABEL_SLUG, Backend, BottleStatus, PreflightReport, label_filter,
-)  # fmt: skip
+from bottle.backend import Backend, BottleStatus, PreflightReport
+from bottle.backends.kubernetes.cluster import refusal
 from bottle.bundle import build as bundle_build
 from bottle.errors import BottleError, Busy, EnvironmentProblem, PreflightFailed, UsageError
 from bottle.manifest import Manifest, load_manifest, slugify
 from bottle.plan import BottlePlan
+from bottle.sidecar import bundle_log
 from bottle.state import PLAN_FILE, StateStore
 
 manifest_option = click.option(
@@ -42,12 +44,30 @@ def docker_client() -> docker.DockerClient:
         ) from None
 
 
+def optional_docker_client() -> docker.DockerClient | None:
+    try:
+        return docker_client()
+    except EnvironmentProblem:
+        return None
+
+
 def _load(manifest_path: Path) -> tuple[Manifest, Backend, docker.DockerClient, PreflightReport]:
-    """The manifest, its backend, a Docker client, and the backend's preflight report."""
+    """The manifest, its backend, a Docker client (None for a backend that needs none), and the backend's
+    preflight report."""
     manifest = load_manifest(manifest_path)
     backend = registry.load(manifest.backend)()
-    client = docker_client()
-    return manifest, backend, client, backend.preflight(docker=client)
+    client = docker_client() if backend.needs_docker else None
+    return manifest, backend, client, backend.preflight(docker=client, manifest=manifest)
+
+
+def _backends(client: docker.DockerClient | None) -> Iterator[Backend]:
+    """Every installed backend that can be asked here: those that need the Docker Engine only if it answers."""
+    for name in registry.available():
+        backend = registry.load(name)()
+        if client is None and backend.needs_docker:
+            click.echo(f"note: {name} bottles not looked at: no Docker Engine is reachable", err=True)
+            continue
+        yield backend
 
 
 def _ready(backend: Backend, report: PreflightReport) -> None:
@@ -66,9 +86,20 @@ def _echo_plan(plan: BottlePlan, as_json: bool) -> None:
             click.echo(f"{key:<{width}}")
             for k, v in value.items():
                 click.echo(f"  {k}={v}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            click.echo(f"{key:<{width}}  {len(value)} (`bottle plan --yaml` shows them)")
         else:
             shown = "-" if value is None else " ".join(value) if isinstance(value, list) else value
             click.echo(f"{key:<{width}}  {shown}")
+
+
+def _echo_objects(plan: BottlePlan) -> None:
+    objects = getattr(plan, "objects", None)
+    if objects is None:
+        raise UsageError(f"backend '{plan.backend}' makes no Kubernetes objects; `bottle plan --json` shows its plan")
+    click.echo(f"# bottle '{plan.name}': the objects `bottle up` applies, in order. Values read from a host file at\n"
+               "# `up` (the bundle's config, CA and credentials) are shown as the file's path, never as the value.")
+    click.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
 
 
 def _echo_report(report: PreflightReport) -> None:
@@ -90,11 +121,16 @@ def cli(debug: bool) -> None:
 @cli.command()
 @manifest_option
 @json_option
-def plan(manifest_path: Path, as_json: bool) -> None:
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print the objects the plan applies, as YAML documents "
+              "(backends that run bottles as Kubernetes objects).")  # fmt: skip
+def plan(manifest_path: Path, as_json: bool, as_yaml: bool) -> None:
     """Show the plan `prepare` would make, without creating anything."""
     manifest, backend, client, report = _load(manifest_path)
     result = backend.plan(manifest, docker=client, state=StateStore(), preflight=report)
-    _echo_plan(result, as_json)
+    if as_yaml:
+        _echo_objects(result)
+    else:
+        _echo_plan(result, as_json)
     if not report.ok:
         click.echo("note: this machine is not ready to run it yet; `bottle doctor` says why", err=True)
 
@@ -158,14 +194,14 @@ def up(manifest_path: Path, detach: bool) -> None:
 def down(name: str) -> None:
     """Remove the bottle NAME: its VM, bundle, network and state (the image cache stays)."""
     slug = _slug_of(name)
-    client = docker_client()
+    client = optional_docker_client()
     state = StateStore()
     removed: list[str] = []
     failed: list[str] = []
     with _terminate_as_interrupt(), state.lock(slug):
-        for backend_name in registry.available():  # every backend, even when one of them fails
+        for backend in _backends(client):  # every backend, even when one of them fails
             try:
-                removed += registry.load(backend_name)().down(slug, docker=client, state=state)
+                removed += backend.down(slug, docker=client, state=state)
             except BottleError as exc:
                 failed.append(str(exc))
     for thing in removed:
@@ -173,6 +209,8 @@ def down(name: str) -> None:
     if failed:
         raise BottleError("; ".join(failed))
     if not removed:
+        if client is None:  # what was not looked at may hold it
+            docker_client()
         click.echo(f"bottle '{slug}': nothing to remove")
 
 
@@ -183,10 +221,14 @@ def _slug_of(name: str) -> str:
         raise UsageError(f"'{name}' is not a bottle name: it {exc}") from None
 
 
-def _inventory(client: docker.DockerClient, state: StateStore) -> list[BottleStatus]:
+def _inventory(client: docker.DockerClient | None, state: StateStore) -> list[BottleStatus]:
+    """Every backend's bottles; a backend that cannot look (its cluster is down, say) is named on stderr."""
     found: list[BottleStatus] = []
-    for backend_name in registry.available():
-        found += registry.load(backend_name)().inventory(docker=client, state=state)
+    for backend in _backends(client):
+        try:
+            found += backend.inventory(docker=client, state=state)
+        except BottleError as exc:
+            click.echo(f"note: {backend.name} bottles not looked at: {exc}", err=True)
     return found
 
 
@@ -194,7 +236,7 @@ def _inventory(client: docker.DockerClient, state: StateStore) -> list[BottleSta
 @json_option
 def ls_command(as_json: bool) -> None:
     """List every bottle on this machine, its parts, and anything that does not add up."""
-    statuses = _inventory(docker_client(), StateStore())
+    statuses = _inventory(optional_docker_client(), StateStore())
     if as_json:
         rows = [s.model_dump() | {"state": s.state} for s in statuses]
         click.echo(json.dumps(rows, indent=2))
@@ -219,7 +261,7 @@ def ls_command(as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
 def gc(dry_run: bool) -> None:
     """Remove leftovers: bottle resources and VMs that belong to no bottle on disk."""
-    client = docker_client()
+    client = optional_docker_client()
     state = StateStore()
     found = _inventory(client, state)
     for stray in (s for s in found if s.foreign):
@@ -282,15 +324,13 @@ def _audit_line(entry: dict[str, Any]) -> str:
 def logs(name: str, denied: bool, follow: bool, as_json: bool) -> None:
     """Show the bundle's audit log for bottle NAME: one line per request, allowed or refused."""
     slug = _slug_of(name)
-    client = docker_client()
-    owner = StateStore().owner()
-    wanted = label_filter({LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_OWNER: str(owner), LABEL_ROLE: "bundle"})
-    found = client.containers.list(all=True, filters={"label": wanted}) if owner else []
-    if not found:
-        raise UsageError(f"bottle '{slug}' has no bundle made from this state directory; `bottle ls` lists the bottles")
-    if len(found) > 1:
-        raise BottleError(f"bottle '{slug}' has {len(found)} bundles; `bottle down {slug}` removes them all")
-    output = found[0].logs(stdout=True, stderr=False, stream=True, follow=follow)
+    state = StateStore()
+    made_by = (state.read_plan_data(slug) or {}).get("backend")
+    backend = registry.load(made_by)() if made_by in registry.available() else None
+    if backend is not None and not backend.needs_docker:
+        output = backend.bundle_log(slug, docker=None, state=state, follow=follow)
+    else:  # a docker container, whichever backend made it (even one whose plan is gone)
+        output = bundle_log(docker_client(), state, slug, follow=follow)
     pending = b""
     for chunk in output:
         pending += chunk
@@ -332,15 +372,17 @@ def backends() -> None:
 
 
 @cli.command()
-def doctor() -> None:
-    """Check this machine for every installed backend; exit 1 if anything is missing."""
-    try:
-        client: docker.DockerClient | None = docker_client()
-    except EnvironmentProblem:
-        client = None
+@click.argument("backend_names", metavar="[BACKEND]...", nargs=-1)
+@click.option("-f", "--file", "manifest_path", type=click.Path(path_type=Path),
+              help="Check for this manifest's bottle: its backend, with its settings.")  # fmt: skip
+def doctor(backend_names: tuple[str, ...], manifest_path: Path | None) -> None:
+    """Check this machine for the named backends (default: every installed one); exit 1 if anything is missing."""
+    manifest = load_manifest(manifest_path) if manifest_path else None
+    names = [manifest.backend] if manifest else list(backend_names or registry.available())
+    client = optional_docker_client()
     ready = True
-    for name in registry.available():
-        report = registry.load(name)().preflight(docker=client)
+    for name in names:
+        report = registry.load(name)().preflight(docker=client, manifest=manifest)
         _echo_report(report)
         ready &= report.ok
     if not ready:
@@ -353,6 +395,8 @@ def _sentence(exc: Exception) -> tuple[str, int]:
         return str(exc), exc.exit_code
     if isinstance(exc, docker.errors.DockerException):
         return f"the Docker Engine failed a request: {exc}", 1
+    if isinstance(exc, ApiException):
+        return f"the Kubernetes API server refused a request: {refusal(exc)}", 1
     if isinstance(exc, requests.exceptions.RequestException):
         return f"the Docker Engine stopped answering ({type(exc).__name__}); is it running?", 1
     if isinstance(exc, OSError):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -198,6 +199,64 @@ class DockerConfig(_Strict):
         return user
 
 
+def _matching(pattern: str, what: str) -> AfterValidator:
+    """A string check whose error says what was expected, not which regex failed."""
+
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"'{value}' is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+Quantity = Annotated[str, _matching(r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?",
+                                    "a Kubernetes quantity such as '500m', '2' or '512Mi'")]
+KubernetesName = Annotated[str, _matching(_DNS_LABEL, "a Kubernetes name (lowercase letters, digits and '-', at most 63)")]
+ResourceName = Literal["cpu", "memory", "ephemeral-storage"]
+# What the bundle may never reach in a cluster, unless `cluster_cidrs` says otherwise: the ranges pods,
+# services and nodes are commonly numbered from. The bundle's policy refuses them, and its NetworkPolicy too.
+DEFAULT_CLUSTER_CIDRS = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"]
+
+
+class KubernetesConfig(_Strict):
+    """`[kubernetes]`: where and how the kubernetes backend runs the bottle (other backends ignore it)."""
+
+    # A context of your kubeconfig ($KUBECONFIG or ~/.kube/config); None: its current context.
+    context: str | None = Field(default=None, min_length=1, max_length=253)
+    # None: a namespace of the bottle's own, `bottle-<slug>`, made and removed with it. A name: an existing
+    # namespace the bottle's objects go into (bottle neither makes nor removes it).
+    namespace: KubernetesName | None = None
+    # A RuntimeClass for the agent's Pod (a gVisor or Kata one); None: the cluster's default runtime.
+    runtime_class: KubernetesName | None = None
+    # The agent's numeric "uid:gid"; never root (the Pod also says runAsNonRoot).
+    user: str = Field(default="65534:65534", pattern=r"^[0-9]{1,10}:[0-9]{1,10}$")
+    requests: dict[ResourceName, Quantity] = Field(default_factory=lambda: {"cpu": "250m", "memory": "512Mi"})
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=lambda: {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "8Gi"}
+    )
+    # The cluster's own ranges (pods, services, nodes): the bundle never connects there.
+    cluster_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_CLUSTER_CIDRS]
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _not_root(cls, user: str) -> str:
+        return DockerConfig._not_root(user)
+
+    @field_validator("cluster_cidrs", mode="before")
+    @classmethod
+    def _parse_cidrs(cls, value: object) -> object:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            try:
+                return [ipaddress.ip_network(v) for v in value]
+            except ValueError as exc:
+                raise ValueError(f"{exc}: each entry must be a CIDR such as '10.0.0.0/8'") from None
+        return value
+
+
 class Manifest(_Strict):
     """A whole bottle.toml."""
 
@@ -207,6 +266,7 @@ class Manifest(_Strict):
     egress: EgressConfig = Field(default_factory=EgressConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
     docker: DockerConfig = Field(default_factory=DockerConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @property
     def slug(self) -> str:

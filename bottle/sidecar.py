@@ -30,11 +30,12 @@ from pydantic import BaseModel, ValidationError
 
 from bottle.addressing import Addresses, derive_subnet, ipv4_subnets
 from bottle.backend import (
-    LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, label_filter, labels, owned_slug, why_not_owned,
+    LABEL_BACKEND, LABEL_MANAGED, LABEL_OWNER, LABEL_ROLE, LABEL_SLUG, BottleStatus, label_filter, labels, owned_slug,
+    why_not_owned,
 )  # fmt: skip
 from bottle.bundle import CA_DIR, CONFIG_FILE, SECRETS_FILE
 from bottle.bundle.ca import CA_FILE, create_ca, split_ca
-from bottle.bundle.policy import BundleConfig, Credential, is_header_value
+from bottle.bundle.policy import BundleConfig, Credential, IPNetwork, is_header_value
 from bottle.errors import BottleError, DockerProblem, StateError, StepFailed, UsageError
 from bottle.manifest import PLACEHOLDER, Manifest
 from bottle.state import StateStore
@@ -91,7 +92,8 @@ def secret_name(index: int) -> str:
     return f"credential-{index}"
 
 
-def bundle_config(manifest: Manifest, refuse: list[IPv4Network], clients: Sequence[IPv4Network] = ()) -> bytes:
+def bundle_config(manifest: Manifest, refuse: Sequence[IPNetwork], clients: Sequence[IPNetwork] = (),
+                  dns_port: int = 53) -> bytes:  # fmt: skip
     """The bundle's policy, rendered from the manifest; credentials name their secrets, never hold them.
 
     `refuse` lists the bottle's own networks and gateways: the bundle never connects there, whatever a
@@ -104,8 +106,9 @@ def bundle_config(manifest: Manifest, refuse: list[IPv4Network], clients: Sequen
             Credential(host=c.host, header=c.header, template=c.template, secret=secret_name(i))
             for i, c in enumerate(manifest.egress.credentials)
         ],
-        refuse=refuse,
+        refuse=list(refuse),
         clients=list(clients),
+        dns_port=dns_port,
     )
     return config.model_dump_json(indent=2).encode() + b"\n"
 
@@ -155,11 +158,11 @@ def write_secrets(manifest: Manifest, bundle_dir: Path, state: StateStore) -> No
 
 
 def write_bundle_files(
-    manifest: Manifest, state: StateStore, bundle_dir: Path, guest_dir: Path, refuse: list[IPv4Network],
-    clients: Sequence[IPv4Network] = (),
+    manifest: Manifest, state: StateStore, bundle_dir: Path, guest_dir: Path, refuse: Sequence[IPNetwork],
+    clients: Sequence[IPNetwork] = (), dns_port: int = 53,
 ) -> None:
     """The bundle's config and CA (and the CA's certificate for the agent); secrets come at `up`."""
-    state.write_private(bundle_dir / CONFIG_FILE, bundle_config(manifest, refuse, clients))
+    state.write_private(bundle_dir / CONFIG_FILE, bundle_config(manifest, refuse, clients, dns_port))
     ensure_ca(state, manifest.slug, bundle_dir, guest_dir)
 
 
@@ -527,6 +530,20 @@ def down(
         done = f" (removed: {', '.join(removed)})" if removed else ""
         raise BottleError(f"could not remove all of bottle '{slug}': {'; '.join(failed)}{done}")
     return removed
+
+
+def bundle_log(client: docker.DockerClient | None, state: StateStore, slug: str, *, follow: bool) -> Iterator[bytes]:
+    """The stdout of the bottle's bundle container (its audit log), from whichever backend made it."""
+    owner = state.owner()
+    wanted = label_filter({LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_OWNER: str(owner), LABEL_ROLE: BUNDLE})
+    if client is None:
+        raise DockerProblem(f"bottle '{slug}' has its bundle on the Docker Engine, which is not reachable")
+    found = client.containers.list(all=True, filters={"label": wanted}) if owner else []
+    if not found:
+        raise UsageError(f"bottle '{slug}' has no bundle made from this state directory; `bottle ls` lists the bottles")
+    if len(found) > 1:
+        raise BottleError(f"bottle '{slug}' has {len(found)} bundles; `bottle down {slug}` removes them all")
+    return found[0].logs(stdout=True, stderr=False, stream=True, follow=follow)
 
 
 def foreign(backend: str, what: str, why: str, command: str) -> BottleStatus:

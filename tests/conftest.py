@@ -10,3 +10,5 @@ def _isolated_home(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     # Whatever smolvm this machine has (on PATH, or the smolmachines wheel), a test uses the one it names.
     monkeypatch.setenv("BOTTLE_SMOLVM", str(tmp_path / "no-smolvm-here"))
+    # Nor the user's clusters: a test that wants one points KUBECONFIG at the test API server's.
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig-here"))

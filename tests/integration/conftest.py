@@ -133,3 +133,30 @@ def leftovers(engine, slug: str, smolvm_state: Path, home: Path) -> dict:
         "partial archives": [p.name for p in (home / "cache" / "images").glob(".saving-*")],
     }
     return {k: v for k, v in found.items() if v}
+
+
+@pytest.fixture(scope="session")
+def apiserver(tmp_path_factory):
+    """A real kube-apiserver (v1.20.2, built from Debian's source; cached) with etcd, on loopback.
+
+    Building it needs Debian's repositories the first time (about 7 minutes); a failure fails the
+    tests that need it, with the build's last lines.
+    """
+    from bottle.testing import kube_apiserver
+
+    try:
+        binary = kube_apiserver.build(Path(__file__).parents[1] / "support" / "kube-apiserver.sh")
+        server = kube_apiserver.start(binary, tmp_path_factory.mktemp("apiserver"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kube(apiserver, monkeypatch):
+    """KUBECONFIG pointing at the test API server (context `bottle-test`, all rights), and a client for it."""
+    import kubernetes
+
+    monkeypatch.setenv("KUBECONFIG", str(apiserver.kubeconfig))
+    return kubernetes.config.new_client_from_config(config_file=str(apiserver.kubeconfig), persist_config=False)

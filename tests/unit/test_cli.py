@@ -79,7 +79,7 @@ def test_prepare_on_an_unready_machine_names_every_problem_and_creates_nothing(c
     [
         ('name = "x"\n[agent]\nimage = "a"\ncolour = 1\n', "agent.colour: unknown key; allowed here: command, env, image"),
         ('name = "x"\n[agent]\nimage = "a"\nenv = { GH_TOKEN = "ghp_x" }\n', "looks like a credential"),
-        ('name = "x"\nbackend = "qemu"\n[agent]\nimage = "a"\n', "unknown backend 'qemu'; installed backends: docker, smolm"),
+        ('name = "x"\nbackend = "qemu"\n[agent]\nimage = "a"\n', "unknown backend 'qemu'; installed backends: docker, kubernetes, smolm"),
         ("name = ", "not valid TOML"),
         ('name = "x"\nbad = ' + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply to be a bottle manifest"),
         ('name = "x"\na = ' + "{b = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply to be a bottle manifest"),
@@ -117,12 +117,13 @@ def test_unexpected_errors_are_one_line_unless_debug(capsys, fake, mocker):
     assert code == 1 and "Traceback" in err
 
 
-def test_backends_lists_both_of_bottles_own(capsys):
+def test_backends_lists_bottles_own(capsys):
     code, out, _ = run(capsys, "backends")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("docker  bottle.backends.docker:DockerBackend  (bottle ")
-    assert lines[1].startswith("smolmachines  bottle.backends.smolmachines:SmolmachinesBackend  (bottle ")
+    assert lines[1].startswith("kubernetes  bottle.backends.kubernetes:KubernetesBackend  (bottle ")
+    assert lines[2].startswith("smolmachines  bottle.backends.smolmachines:SmolmachinesBackend  (bottle ")
 
 
 def test_doctor_reports_and_exits_1_when_something_is_missing(capsys, fake, monkeypatch, tmp_path):
@@ -135,7 +136,7 @@ def test_doctor_reports_and_exits_1_when_something_is_missing(capsys, fake, monk
 
 
 def test_doctor_exits_0_on_a_ready_machine(capsys, fake, ready_machine):
-    code, out, _ = run(capsys, "doctor")
+    code, out, _ = run(capsys, "doctor", "docker", "smolmachines")  # no cluster here for kubernetes
     assert code == 0, out
     assert "FAIL" not in out
 

@@ -65,7 +65,7 @@ def test_a_name_with_nothing_to_slug_is_refused():
 def test_unknown_keys_are_named_with_the_keys_allowed_there():
     message = error_of(minimal(agent={"image": "x", "imagee": "y"}))
     assert message == "b.toml: agent.imagee: unknown key; allowed here: command, env, image"
-    assert "b.toml: colour: unknown key; allowed here: agent, backend, bundle, docker, egress, name" == error_of(
+    assert "b.toml: colour: unknown key; allowed here: agent, backend, bundle, docker, egress, kubernetes, name" == error_of(
         minimal(colour="red")
     )
 

@@ -45,7 +45,7 @@ class DockerBackend(Backend):
         self.routes = host_routes() if routes is None else routes
         self.ready_timeout = seconds_from_env("BOTTLE_READY_TIMEOUT", 30.0)
 
-    def preflight(self, *, docker: docker.DockerClient | None) -> PreflightReport:
+    def preflight(self, *, docker: docker.DockerClient | None, manifest: Manifest | None = None) -> PreflightReport:
         fix = "start the Docker Engine and make sure this user can use it (DOCKER_HOST or /var/run/docker.sock)"
         if docker is None:
             checks = [Check(name="docker", ok=False, detail="no Docker Engine is reachable", fix=fix)]

@@ -61,7 +61,7 @@ class SmolmachinesBackend(Backend):
             raise EnvironmentProblem(f"smolvm is not installed: {checks.INSTALL_SMOLVM}")
         return smolvm
 
-    def preflight(self, *, docker: docker.DockerClient | None) -> PreflightReport:
+    def preflight(self, *, docker: docker.DockerClient | None, manifest: Manifest | None = None) -> PreflightReport:
         smolvm, version = checks.check_smolvm(self.smolvm())
         report = [smolvm, checks.check_settings(), checks.check_docker(docker), checks.check_platform()]
         return PreflightReport(backend=self.name, checks=report, facts={"smolvm_version": version} if version else {})
