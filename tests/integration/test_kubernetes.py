@@ -328,3 +328,24 @@ def test_an_unreachable_cluster_is_one_sentence(capsys, apiserver, name, tmp_pat
     assert "Traceback" not in err
     code, out, err = run(capsys, "ls")
     assert code == 0 and "note: kubernetes bottles not looked at: the Kubernetes API server at" in err
+
+
+@pytest.mark.parametrize("selector", [{}, {"matchLabels": {"bottle.role": "agent"}},
+                                      {"matchExpressions": [{"key": "bottle.slug", "operator": "Exists"}]}])
+def test_a_shared_namespace_with_a_policy_that_selects_the_bottle_is_refused(capsys, kube, core, name, tmp_path,
+                                                                             monkeypatch, selector):  # fmt: skip
+    monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
+    shared = f"shared-{name}"
+    core.create_namespace({"metadata": {"name": shared}})
+    networking = kubernetes.client.NetworkingV1Api(kube)
+    networking.create_namespaced_network_policy(shared, {
+        "metadata": {"name": "allow-dns"}, "spec": {"podSelector": selector, "policyTypes": ["Egress"],
+                                                    "egress": [{"ports": [{"protocol": "UDP", "port": 53}]}]},
+    })  # fmt: skip
+    networking.create_namespaced_network_policy(shared, {  # one that selects others only is fine
+        "metadata": {"name": "web"}, "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]},
+    })  # fmt: skip
+    code, _, err = run(capsys, "up", "-d", "-f", str(write_manifest(tmp_path, name, namespace=shared)))
+    assert code == 1
+    assert f"NetworkPolicy allow-dns in namespace {shared}, which bottle did not make, also applies to" in err
+    assert objects_of(kube, name) == {}

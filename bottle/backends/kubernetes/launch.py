@@ -183,6 +183,33 @@ def wait_gone(cluster: Cluster, kind: str, name: str, namespace: str | None, tim
         time.sleep(0.5)
 
 
+def selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) matches a Pod with `pod_labels`."""
+    if any(pod_labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, values = expression.get("key"), expression.get("values") or []
+        matched = {"In": pod_labels.get(key) in values, "NotIn": pod_labels.get(key) not in values,
+                   "Exists": key in pod_labels, "DoesNotExist": key not in pod_labels}.get(expression.get("operator"))  # fmt: skip
+        if not matched:
+            return False
+    return True
+
+
+def check_other_policies(cluster: Cluster, planned: KubernetesBottlePlan, owner: str) -> None:
+    """Refuse a namespace where a NetworkPolicy not of this bottle selects its Pods: policies add up, so
+    any rule of another's (allow DNS, allow the namespace) would open what the bottle's own shut."""
+    pods = [o for o in planned.objects if o["kind"] == "Pod"]
+    for policy in cluster.list("NetworkPolicy", "", planned.namespace):
+        if owned_slug(policy["metadata"].get("labels"), BACKEND, owner) == planned.slug:
+            continue
+        hit = [p["metadata"]["name"] for p in pods if selects(policy["spec"].get("podSelector") or {}, p["metadata"]["labels"])]
+        if hit:
+            raise StepFailed("NetworkPolicy", f"NetworkPolicy {policy['metadata']['name']} in namespace {planned.namespace}, "
+                             f"which bottle did not make, also applies to {', '.join(hit)} and could allow what the "
+                             "bottle's policies deny; remove it, or give the bottle a namespace of its own")  # fmt: skip
+
+
 def pod_problem(pod: dict[str, Any]) -> str | None:
     """Why a Pod will not become ready by waiting, if it is clear already."""
     status = pod.get("status") or {}
@@ -258,6 +285,7 @@ def up(manifest: Manifest, state: StateStore, *, on_step: Progress, ready_timeou
         *infrastructure, _, _, _ = planned.objects
         for obj in infrastructure:
             apply(obj)
+        step("NetworkPolicy", lambda: check_other_policies(cluster, planned, owner))
         on_step("objects", ", ".join(f"{obj['kind']} {obj['metadata']['name']}" for obj in infrastructure))
         service = cluster.read("Service", infrastructure[-1]["metadata"]["name"], planned.namespace) or {}
         bundle_ip = service.get("spec", {}).get("clusterIP")
