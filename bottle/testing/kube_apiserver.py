@@ -160,15 +160,16 @@ def _write_kubeconfig(server: ApiServer) -> None:
     server.kubeconfig.chmod(0o600)
 
 
-def play_kubelet(api: Any, namespace: str, stop: threading.Event, *, ready: bool = True) -> threading.Thread:
-    """A thread that does, for every Pod in `namespace`, what a kubelet would report once it ran it:
-    phase Running, and (with `ready`) every container ready. `api` is a kubernetes CoreV1Api."""
+def play_kubelet(api: Any, namespace: str | None, stop: threading.Event, *, ready: bool = True) -> threading.Thread:
+    """A thread that does, for every Pod in `namespace` (None: in every one), what a kubelet would report
+    once it ran it: phase Running, an IP, and (with `ready`) every container ready. `api` is a kubernetes
+    CoreV1Api."""
 
     def report() -> None:
         addresses = iter(range(2, 250))
         while not stop.is_set():
             try:
-                pods = api.list_namespaced_pod(namespace).items
+                pods = (api.list_namespaced_pod(namespace) if namespace else api.list_pod_for_all_namespaces()).items
             except Exception:  # the namespace may not exist yet
                 pods = []
             for pod in pods:
@@ -182,7 +183,7 @@ def play_kubelet(api: Any, namespace: str, stop: threading.Event, *, ready: bool
                                            "restartCount": 0, "state": {"running": {}}} for c in pod.spec.containers],
                 }}  # fmt: skip
                 try:
-                    api.patch_namespaced_pod_status(pod.metadata.name, namespace, body)
+                    api.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, body)
                 except Exception:
                     pass  # deleted meanwhile
             stop.wait(0.2)
