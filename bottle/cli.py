@@ -228,7 +228,7 @@ def _inventory(client: docker.DockerClient | None, state: StateStore) -> list[Bo
         try:
             found += backend.inventory(docker=client, state=state)
         except BottleError as exc:
-            click.echo(f"note: {backend.name} bottles not looked at: {exc}", err=True)
+            click.echo(_printable(f"note: {backend.name} bottles not looked at: {exc}"), err=True)
     return found
 
 
@@ -252,9 +252,9 @@ def ls_command(as_json: bool) -> None:
     ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row, status in zip([header, *rows], [None, *statuses]):
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        click.echo(_printable("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()))
         for note in status.drift if status else []:
-            click.echo(f"  ! {note}")
+            click.echo(_printable(f"  ! {note}"))
 
 
 @cli.command()
@@ -265,7 +265,7 @@ def gc(dry_run: bool) -> None:
     state = StateStore()
     found = _inventory(client, state)
     for stray in (s for s in found if s.foreign):
-        click.echo(f"left alone: {stray.drift[0]}", err=True)
+        click.echo(_printable(f"left alone: {stray.drift[0]}"), err=True)
     orphans = [s for s in found if s.orphan]
     failed = []
     for orphan in orphans:
@@ -420,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--debug" in args:
             traceback.print_exc()
         message, exit_code = _sentence(exc)
-        click.echo(f"bottle: {message}", err=True)
+        # What a server or a file said can hold escape sequences: never let them act on the terminal.
+        click.echo("\n".join(_printable(line) for line in f"bottle: {message}".split("\n")), err=True)
         return exit_code
     return code if isinstance(code, int) else 0

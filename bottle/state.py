@@ -320,6 +320,14 @@ class StateStore:
             return sorted(n for n in names if _is(stat.S_ISREG, fd, f"{n}/{PLAN_FILE}"))
 
 
+    def file_names(self, directory: Path) -> list[str]:
+        """The names of the regular files in `directory` below the root (no links); none if it is missing."""
+        with self._dir(directory, create=False) as fd, _explained(directory, "list"):
+            if fd is None:
+                return []
+            return sorted(n for n in os.listdir(fd) if _is(stat.S_ISREG, fd, n))
+
+
 def _is(kind: Callable[[int], bool], dir_fd: int, relative: str) -> bool:
     """Whether `relative` (below `dir_fd`, its last component not followed) exists and is of `kind`."""
     try:

@@ -20,7 +20,7 @@ import tomli_w
 import yaml
 
 from bottle.backends.kubernetes.cluster import KINDS
-from bottle.backends.kubernetes.launch import NO_OWNER
+from bottle.backends.kubernetes.launch import NO_OWNER, differences
 from bottle.backends.kubernetes.render import UNASSIGNED_IP
 from bottle.cli import main
 from bottle.state import StateStore
@@ -30,7 +30,14 @@ pytestmark = pytest.mark.integration
 SECRET = "kube-test-secret-" + uuid.uuid4().hex
 # Fields the v1.20 API server does not know yet and drops; tests/unit/test_kubernetes_render.py
 # validates them against the schemas of current releases.
-DROPPED_BY_1_20 = {"appArmorProfile"}
+DROPPED_BY_1_20 = frozenset({"appArmorProfile"})
+
+
+@pytest.fixture(autouse=True)
+def _no_docker(mocker):
+    """These tests are about the cluster: `ls`, `gc` and `down` leave the docker backends out (as where no
+    Docker Engine runs), so containers of other tests cannot change what they print."""
+    mocker.patch("bottle.cli.optional_docker_client", return_value=None)
 
 
 def run(capsys, *args):
@@ -53,7 +60,7 @@ def sweep(kube, slug: str) -> None:
 
     cluster = Cluster(kube, "bottle-test")
     for (kind, item_name), item in objects_of(kube, slug).items():
-        cluster.delete(kind, item_name, item["metadata"].get("namespace"))
+        cluster.delete(kind, item_name, item["metadata"].get("namespace"), item["metadata"]["uid"])
 
 
 @pytest.fixture
@@ -96,22 +103,6 @@ def objects_of(kube, slug: str) -> dict[tuple[str, str], dict]:
     return found
 
 
-def contains(found, wanted, path=()) -> list[str]:
-    """Where `found` (as the API server holds it) differs from `wanted` (as bottle rendered it): every
-    rendered field must be there with its value (an empty list or map, or false, may be left out: the
-    server omits them, which means the same); the server may add defaults of its own."""
-    if isinstance(wanted, dict):
-        if not isinstance(found, dict):
-            return [f"{'.'.join(path)}: {found!r}"]
-        return [miss for key, value in wanted.items() if not (key in DROPPED_BY_1_20 or (key not in found and value in ([], {}, False)))
-                for miss in contains(found.get(key, "<missing>"), value, (*path, key))]  # fmt: skip
-    if isinstance(wanted, list):
-        if not isinstance(found, list) or len(found) != len(wanted):
-            return [f"{'.'.join(path)}: {found!r} instead of {wanted!r}"]
-        return [miss for index, (f, w) in enumerate(zip(found, wanted)) for miss in contains(f, w, (*path, str(index)))]
-    return [] if found == wanted else [f"{'.'.join(path)}: {found!r} instead of {wanted!r}"]
-
-
 def test_up_creates_exactly_the_objects_the_plan_showed_and_down_removes_them(capsys, kube, kubelet, name, tmp_path,
                                                                               monkeypatch):  # fmt: skip
     monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
@@ -146,7 +137,8 @@ def test_up_creates_exactly_the_objects_the_plan_showed_and_down_removes_them(ca
         if obj["kind"] == "ConfigMap":
             assert all(held["data"][key] == files[key.replace("ca.pem", "ca.pem")] for key in obj["data"]), obj
             continue
-        assert contains(held, {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}) == [], obj["kind"]
+        rendered = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+        assert differences(held, rendered, dropped=DROPPED_BY_1_20) == [], obj["kind"]
     config = json.loads(found[("ConfigMap", f"bottle-{name}-bundle")]["data"]["config.json"])
     agent_ip = found[("Pod", f"bottle-{name}-agent")]["status"]["podIP"]
     assert config["clients"] == [f"{agent_ip}/32"]  # the bundle serves its agent's Pod alone
@@ -288,7 +280,7 @@ def test_objects_of_another_state_directory_are_shown_as_foreign_and_never_remov
     monkeypatch.setenv("BOTTLE_HOME", str(tmp_path / "another-home"))
     code, out, err = run(capsys, "gc")
     assert code == 0 and "removed" not in out
-    assert f"left alone: Pod bottle-{name}-agent -n bottle-{name} carries bottle's labels but it was not made from " in err
+    assert f"left alone: Pod bottle-{name}-agent -n bottle-{name} carries bottle's labels but bottle has no record of making it" in err
     assert run(capsys, "down", name)[1] == f"bottle '{name}': nothing to remove\n"
     assert len(objects_of(kube, name)) == 9
     monkeypatch.setenv("BOTTLE_HOME", home)
@@ -349,3 +341,91 @@ def test_a_shared_namespace_with_a_policy_that_selects_the_bottle_is_refused(cap
     assert code == 1
     assert f"NetworkPolicy allow-dns in namespace {shared}, which bottle did not make, also applies to" in err
     assert objects_of(kube, name) == {}
+
+
+def _owner_labels(kube, name):
+    """The labels of the bottle's Namespace: anyone who may list namespaces can read (and copy) them."""
+    return dict(kubernetes.client.CoreV1Api(kube).read_namespace(f"bottle-{name}").metadata.labels)
+
+
+def test_a_namespace_made_by_another_with_copied_labels_is_not_adopted(capsys, kube, core, kubelet, name, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """The red team's takeover: copy the owner label from a bottle's objects onto a Namespace of one's own
+    (with a RoleBinding that lets one read Secrets there), and wait for the next bottle of that state
+    directory to put its credentials in it."""
+    monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
+    assert run(capsys, "up", "-d", "-f", str(write_manifest(tmp_path, name)))[0] == 0
+    victim = f"{name}-next"
+    copied = _owner_labels(kube, name) | {"bottle.slug": victim}
+    core.create_namespace({"metadata": {"name": f"bottle-{victim}", "labels": copied}})
+    try:
+        code, _, err = run(capsys, "up", "-d", "-f", str(write_manifest(tmp_path, victim)))
+        assert code == 1
+        assert f"Namespace bottle-{victim} exists but this bottle state directory did not make it" in err
+        assert objects_of(kube, victim) == {f: o for f, o in objects_of(kube, victim).items() if f[0] == "Namespace"}
+        # and `gc` shows it as foreign, never removes it
+        code, out, err = run(capsys, "gc")
+        assert f"left alone: Namespace bottle-{victim} carries bottle's labels but bottle has no record" in err
+        assert core.read_namespace(f"bottle-{victim}").metadata.deletion_timestamp is None
+    finally:
+        core.delete_namespace(f"bottle-{victim}")
+    assert run(capsys, "down", name)[0] == 0
+
+
+def test_objects_changed_behind_bottles_back_are_restored_by_the_next_up(capsys, kube, core, kubelet, name, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
+    path = write_manifest(tmp_path, name)
+    assert run(capsys, "up", "-d", "-f", str(path))[0] == 0
+    before = objects_of(kube, name)
+    networking = kubernetes.client.NetworkingV1Api(kube)
+    ns, base = f"bottle-{name}", f"bottle-{name}"
+    networking.patch_namespaced_network_policy(f"{base}-agent", ns, {"spec": {"egress": [{}]}})  # allow everything
+    core.patch_namespaced_service(f"{base}-bundle", ns, {"spec": {"selector": {"app": "evil"}}})  # one more key
+    core.patch_namespaced_pod(f"{base}-bundle", ns, {"spec": {"containers": [{"name": "bundle", "image": "evil/proxy"}]}})
+    core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "privileged"}}})
+    assert run(capsys, "up", "-d", "-f", str(path))[0] == 0
+    after = objects_of(kube, name)
+    assert after[("NetworkPolicy", f"{base}-agent")]["spec"]["egress"] == before[("NetworkPolicy", f"{base}-agent")]["spec"]["egress"]
+    assert after[("Service", f"{base}-bundle")]["spec"]["selector"] == before[("Service", f"{base}-bundle")]["spec"]["selector"]
+    assert after[("Pod", f"{base}-bundle")]["spec"]["containers"][0]["image"] == "python:3.12-slim".replace(
+        "python:3.12-slim", "bottle-bundle:latest")
+    assert after[("Namespace", ns)]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert run(capsys, "down", name)[0] == 0
+
+
+def test_down_and_gc_touch_only_what_bottle_made_whatever_carries_its_labels(capsys, kube, core, kubelet, name,
+                                                                             tmp_path, monkeypatch):  # fmt: skip
+    monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
+    assert run(capsys, "up", "-d", "-f", str(write_manifest(tmp_path, name)))[0] == 0
+    theirs = f"theirs-{name}"
+    core.create_namespace({"metadata": {"name": theirs}})
+    copied = _owner_labels(kube, name) | {"bottle.role": "bundle"}
+    core.create_namespaced_config_map(theirs, {"metadata": {"name": "team-config", "labels": copied}})
+    # A Pod that cannot be deleted (a finalizer): `down` must not wait for it.
+    core.create_namespaced_pod(theirs, {"metadata": {"name": "decoy", "labels": copied, "finalizers": ["example.com/hold"]},
+                                        "spec": {"containers": [{"name": "c", "image": "x"}]}})  # fmt: skip
+    try:
+        code, out, err = run(capsys, "down", name)
+        assert code == 0, err
+        assert "team-config" not in out and "decoy" not in out
+        code, out, err = run(capsys, "gc")
+        assert code == 0 and "removed" not in out
+        assert core.read_namespaced_config_map("team-config", theirs).metadata.deletion_timestamp is None
+        assert core.read_namespaced_pod("decoy", theirs).metadata.deletion_timestamp is None
+    finally:
+        core.patch_namespaced_pod("decoy", theirs, {"metadata": {"finalizers": None}})
+        core.delete_namespaced_pod("decoy", theirs, grace_period_seconds=0)
+        core.delete_namespace(theirs)
+
+
+def test_a_kubeconfig_that_is_not_yaml_is_one_sentence(capsys, name, tmp_path, monkeypatch):
+    broken = tmp_path / "kubeconfig"
+    broken.write_text("clusters: [unclosed\n  - {")
+    monkeypatch.setenv("KUBECONFIG", str(broken))
+    for command in (["up", "-d", "-f", str(write_manifest(tmp_path, name))], ["ls"]):
+        code, _, err = run(capsys, *command)
+        assert "internal error" not in err and "Traceback" not in err, (command, err)
+        assert f"the kubeconfig {broken} cannot be used" in err, (command, err)
+    code, out, err = run(capsys, "plan", "-f", str(tmp_path / f"{name}.toml"))  # rendered without a cluster
+    assert code == 0 and "server         (no usable kubeconfig context)" in out and "`bottle doctor` says why" in err

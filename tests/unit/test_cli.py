@@ -179,3 +179,9 @@ def test_dns_audit_lines_read_as_dns_in_bottle_logs():
     assert _format_audit(line) == "t  REFUSED  DNS c2VjcmV0.evil.example (type 16)  from 192.168.38.1"
     dropped = {"time": "t", "event": "dns", "decision": "dropped", "reason": "not a query", "client": "10.0.0.3"}
     assert _format_audit(dropped) == "t  DROPPED  DNS not a query  from 10.0.0.3"
+
+
+def test_an_error_never_sends_escape_sequences_to_the_terminal(capsys):
+    code, out, err = run(capsys, "plan", "-f", "\x1b]0;PWNED\x07\x1b[2J.toml")
+    assert code == 2 and "no such file" in err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b]0;PWNED\\x07" in err

@@ -57,7 +57,7 @@ class KubernetesBackend(Backend):
         fix = "point KUBECONFIG at a kubeconfig whose context reaches the cluster, or set [kubernetes] context"
         try:
             cluster = Cluster.connect(config.context if config else None)
-            version = cluster.raw("VersionApi", "get_code")["gitVersion"]
+            version = str(cluster.raw("VersionApi", "get_code").get("gitVersion", "unknown version"))
         except ApiException as exc:
             checks = [Check(name="cluster", ok=False, detail=f"{cluster.server} refused: {refusal(exc)}", fix=fix)]
             return PreflightReport(backend=self.name, checks=checks)
@@ -84,9 +84,11 @@ class KubernetesBackend(Backend):
                     "resourceAttributes": {"verb": verb, "group": group, "resource": resource,
                                            "subresource": sub, "namespace": ns}}}  # fmt: skip
                 answer = cluster.raw("AuthorizationV1Api", "create_self_subject_access_review", review)
-                if not answer.get("status", {}).get("allowed"):
+                if (answer.get("status") or {}).get("allowed") is not True:
                     denied.append(f"{verb} {resource}{'/' + sub if sub else ''}")
-        except Exception as exc:  # an API that cannot even review is a failed check, not a traceback
+        except ApiException as exc:
+            return Check(name="rbac", ok=False, detail=f"could not ask the API server: {refusal(exc)}")
+        except BottleError as exc:
             return Check(name="rbac", ok=False, detail=f"could not ask the API server: {exc}")
         where = f"namespace {namespace}" if namespace else "every namespace"
         if denied:
@@ -97,10 +99,11 @@ class KubernetesBackend(Backend):
     @staticmethod
     def _runtime_class(cluster: Cluster, wanted: str | None) -> Check:
         try:
-            items = cluster.raw("NodeV1Api", "list_runtime_class")["items"]
-        except Exception as exc:
-            return Check(name="runtime class", ok=wanted is None, detail=f"could not list RuntimeClasses: {exc}")
-        names = sorted(item["metadata"]["name"] for item in items)
+            items = cluster.raw("NodeV1Api", "list_runtime_class").get("items") or []
+        except (ApiException, BottleError) as exc:
+            why = refusal(exc) if isinstance(exc, ApiException) else str(exc)
+            return Check(name="runtime class", ok=wanted is None, detail=f"could not list RuntimeClasses: {why}")
+        names = sorted(str((item.get("metadata") or {}).get("name")) for item in items if isinstance(item, dict))
         shown = ", ".join(names) or "none"
         if wanted is None:
             return Check(name="runtime class", ok=True, detail=f"the cluster's default ([kubernetes] runtime_class "

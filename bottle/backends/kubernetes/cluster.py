@@ -14,6 +14,7 @@ from typing import Any
 
 import kubernetes
 import urllib3
+import yaml
 from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 
@@ -46,12 +47,23 @@ def kubeconfig_path() -> str:
 
 
 def contexts() -> tuple[list[str], str | None]:
-    """The kubeconfig's context names and its current one; no contexts at all if there is no kubeconfig."""
+    """The kubeconfig's context names and its current one; none at all if there is no kubeconfig, and an
+    EnvironmentProblem for one that cannot be read."""
+    path = kubeconfig_path()
     try:
-        found, current = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig_path())
-    except (ConfigException, OSError, TypeError, ValueError):
-        return [], None
-    return [c["name"] for c in found], (current or {}).get("name")
+        found, current = kubernetes.config.list_kube_config_contexts(config_file=path)
+        return [c["name"] for c in found], (current or {}).get("name")
+    except (ConfigException, OSError, TypeError, ValueError, KeyError, AttributeError, yaml.YAMLError) as exc:
+        if not any(Path(p).expanduser().exists() for p in path.split(os.pathsep)):
+            return [], None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EnvironmentProblem(f"the kubeconfig {path} cannot be used: {why}") from None
+
+
+def _is_object(item: object) -> bool:
+    """Whether an answer has what bottle reads of every object: metadata with a name and a uid."""
+    meta = item.get("metadata") if isinstance(item, dict) else None
+    return isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("uid"), str)
 
 
 def refusal(exc: ApiException) -> str:
@@ -89,8 +101,8 @@ class Cluster:
             client = kubernetes.config.new_client_from_config(
                 config_file=kubeconfig_path(), context=wanted, persist_config=False, client_configuration=configuration
             )
-        except (ConfigException, OSError, TypeError, ValueError) as exc:
-            raise EnvironmentProblem(f"kubeconfig context '{wanted}' cannot be used: {exc}") from None
+        except (ConfigException, OSError, TypeError, ValueError, AttributeError, yaml.YAMLError) as exc:
+            raise EnvironmentProblem(f"kubeconfig context '{wanted}' cannot be used: {str(exc).splitlines()[0]}") from None
         return cls(client, wanted)
 
     def call(self, api: str, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -113,7 +125,14 @@ class Cluster:
     def raw(self, api: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """A request whose answer is returned as the server's JSON, not the client's models."""
         response = self.call(api, method, *args, _preload_content=False, **kwargs)
-        return json.loads(response.data)
+        try:
+            answer = json.loads(response.data)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise BottleError(f"the Kubernetes API server at {self.server} answered with something that is not a "
+                              "Kubernetes object")  # fmt: skip
+        return answer
 
     def _method(self, kind: str, verb: str, namespace: str | None) -> tuple[str, str, tuple[str, ...]]:
         spec = KINDS[kind]
@@ -126,11 +145,14 @@ class Cluster:
     def read(self, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
         api, method, ns = self._method(kind, "read", namespace)
         try:
-            return self.raw(api, method, name, *ns)
+            found = self.raw(api, method, name, *ns)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise BottleError(f"cannot read {kind} {name}: {refusal(exc)}") from None
+        if not _is_object(found):
+            raise BottleError(f"the API server's {kind} {name} has no name or uid")
+        return found
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         kind, meta = obj["kind"], obj["metadata"]
@@ -148,22 +170,26 @@ class Cluster:
         except ApiException as exc:
             raise BottleError(f"the API server refused to update {kind} {meta['name']}: {refusal(exc)}") from None
 
-    def delete(self, kind: str, name: str, namespace: str | None) -> bool:
-        """Delete an object; False if it was already gone. Pods go at once: no grace for an agent."""
+    def delete(self, kind: str, name: str, namespace: str | None, uid: str) -> bool:
+        """Delete the object with this uid; False if it is gone (or that name is now another object's).
+        Pods go at once: no grace for an agent."""
         api, method, ns = self._method(kind, "delete", namespace)
         grace = {"grace_period_seconds": 0} if kind == "Pod" else {}
+        options = {"preconditions": {"uid": uid}} | grace
         try:
-            self.call(api, method, name, *ns, _preload_content=False, **grace)
+            self.call(api, method, name, *ns, body=options, _preload_content=False, **grace)
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in (404, 409):  # 409: the uid precondition failed
                 return False
-            raise BottleError(f"cannot delete {kind} {name}: {refusal(exc)}") from None
+            where = f" in {namespace}" if namespace else ""
+            raise BottleError(f"cannot delete {kind} {name}{where}: {refusal(exc)}") from None
         return True
 
     def list(self, kind: str, selector: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Objects of `kind` whose labels match `selector`, in `namespace` or (None) in every namespace."""
         api, method, ns = self._method(kind, "list", namespace)
         try:
-            return self.raw(api, method, *ns, label_selector=selector)["items"]
+            items = self.raw(api, method, *ns, label_selector=selector).get("items") or []
         except ApiException as exc:
             raise BottleError(f"cannot list {kind} objects: {refusal(exc)}") from None
+        return [item for item in items if _is_object(item)]

@@ -1,10 +1,11 @@
 """The kubernetes backend's steps: render the bottle's objects, apply them in order, wait, and find them again.
 
-`up` applies the policies before any Pod exists, then the bundle's config, its Service and its Pod; once
-the bundle is ready it renders the agent's Pod with the Service's ClusterIP and applies it. An object
-that exists is adopted only if it carries this state root's labels and was made from the same rendering
-(a keyed digest in its `bottle.config` annotation); otherwise it is updated (policies, config) or made
-anew (Pods, the Service). Whatever this run created is deleted again if a later step fails.
+`up` applies the policies before any Pod exists, then the bundle's Secret, the agent's CA and the bundle's
+Service; then the agent's Pod, its proxy the Service's ClusterIP; once that runs, the bundle's config
+(its one client the agent's Pod IP) and the bundle's Pod. An object that exists is adopted only if it
+carries this state root's labels and was made from the same rendering (a keyed digest in its
+`bottle.config` annotation); otherwise it is updated in place (policies, config) or made anew (Pods, the
+Service). Whatever this run created is deleted again if a later step fails.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import hashlib
 import hmac
 import json
 import time
-from ipaddress import ip_network
 from collections.abc import Callable
+from ipaddress import ip_network
 from typing import Any
 
 from bottle import sidecar
-from bottle.backend import LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus, labels, owned_slug, why_not_owned
-from bottle.backends.kubernetes import render
+from bottle.backend import LABEL_BACKEND, LABEL_MANAGED, LABEL_ROLE, BottleStatus
+from bottle.backends.kubernetes import made, render
 from bottle.backends.kubernetes.cluster import KINDS, Cluster, contexts
 from bottle.backends.kubernetes.plan import KubernetesBottlePlan
 from bottle.bundle import CA_DIR
@@ -46,7 +47,7 @@ def where(context: str | None) -> tuple[str, str]:
     try:
         cluster = Cluster.connect(context)
     except BottleError:
-        return context or "(current context)", "(no kubeconfig)"
+        return context or "(current context)", "(no usable kubeconfig context)"
     return cluster.context, cluster.server
 
 
@@ -147,14 +148,45 @@ def _same_data(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return True
 
 
-def ensure(cluster: Cluster, obj: dict[str, Any], slug: str, owner: str, undo: Undo) -> dict[str, Any]:
-    """Create `obj`, or adopt the one there if it is the bottle's and made from the same rendering."""
+# Fields of bottle's objects that API servers before 1.30 do not know and drop.
+DROPPED_BY_OLDER_SERVERS = frozenset({"appArmorProfile"})
+EXACT = {"selector", "matchLabels"}  # maps the server adds nothing to, where one more key changes what matches
+
+
+def differences(found: Any, wanted: Any, path: tuple[str, ...] = (), dropped: frozenset[str] = frozenset()) -> list[str]:
+    """Where an object as the API server holds it differs from what bottle rendered: every rendered field
+    must be there with its value (an empty list or map, or false, may be left out: the server omits them,
+    which means the same; so may a field in `dropped`, one an older server does not know); lists must
+    match item for item. The server may add defaults of its own, except to a label selector."""
+    here = ".".join(path) or "(top)"
+    if isinstance(wanted, dict):
+        if not isinstance(found, dict) or (path and path[-1] in EXACT and set(found) != set(wanted)):
+            return [f"{here}: {found!r} instead of {wanted!r}"]
+        return [miss for key, value in wanted.items() if not (key not in found and (value in ([], {}, False) or key in dropped))
+                for miss in differences(found.get(key, "<missing>"), value, (*path, key), dropped)]  # fmt: skip
+    if isinstance(wanted, list):
+        if not isinstance(found, list) or len(found) != len(wanted):
+            return [f"{here}: {found!r} instead of {wanted!r}"]
+        return [miss for index, (f, w) in enumerate(zip(found, wanted))
+                for miss in differences(f, w, (*path, str(index)), dropped)]  # fmt: skip
+    return [] if found == wanted else [f"{here}: {found!r} instead of {wanted!r}"]
+
+
+def as_rendered(found: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """Whether a live object still is what bottle made: its data, and every field it rendered."""
+    rendered = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "data", "stringData")}
+    return _same_data(found, obj) and not differences(found, rendered, dropped=DROPPED_BY_OLDER_SERVERS)
+
+
+def ensure(cluster: Cluster, obj: dict[str, Any], slug: str, state: StateStore, undo: Undo) -> dict[str, Any]:
+    """Create `obj`, or adopt the one there if bottle made it (its uid is on record) and it still is what
+    bottle renders now; one that differs is updated in place (policies, config) or made anew."""
     kind, meta = obj["kind"], obj["metadata"]
     namespace = meta.get("namespace")
     found = cluster.read(kind, meta["name"], namespace)
     if found is not None:
-        found_labels = found["metadata"].get("labels") or {}
-        if owned_slug(found_labels, BACKEND, owner) != slug or found_labels.get(LABEL_ROLE) != meta["labels"][LABEL_ROLE]:
+        uid = found["metadata"]["uid"]
+        if uid not in {entry.uid for entry in made.load(state, slug)}:
             where = f" in namespace {namespace}" if namespace else ""
             raise BottleError(f"{kind} {meta['name']}{where} exists but this bottle state directory did not make it; "
                               f"remove it or rename the bottle")  # fmt: skip
@@ -162,24 +194,33 @@ def ensure(cluster: Cluster, obj: dict[str, Any], slug: str, owner: str, undo: U
             raise BottleError(f"{kind} {meta['name']} is being deleted; wait until it is gone, then `bottle up` again")
         annotations = found["metadata"].get("annotations") or {}
         broken = kind == "Pod" and (found.get("status") or {}).get("phase") in {"Succeeded", "Failed"}
-        if annotations.get(LABEL_CONFIG) == meta["annotations"][LABEL_CONFIG] and _same_data(found, obj) and not broken:
+        if annotations.get(LABEL_CONFIG) == meta["annotations"][LABEL_CONFIG] and as_rendered(found, obj) and not broken:
             return found
         if kind in {"NetworkPolicy", "ConfigMap", "Secret", "Namespace"}:  # updated in place: never a gap
             update = copy.deepcopy(obj)
             update["metadata"]["resourceVersion"] = found["metadata"]["resourceVersion"]
             return cluster.replace(update)
-        cluster.delete(kind, meta["name"], namespace)
-        wait_gone(cluster, kind, meta["name"], namespace)
+        cluster.delete(kind, meta["name"], namespace, uid)
+        wait_gone(cluster, kind, meta["name"], namespace, uid)
+        made.forget(state, slug, uid)
     created = cluster.create(obj)
-    undo.push(f"{kind} {meta['name']}", lambda: cluster.delete(kind, meta["name"], namespace))
+    uid = created["metadata"]["uid"]
+    made.record(state, slug, made.Made(context=cluster.context, kind=kind, namespace=namespace, name=meta["name"], uid=uid))
+
+    def remove() -> None:
+        cluster.delete(kind, meta["name"], namespace, uid)
+        made.forget(state, slug, uid)
+
+    undo.push(f"{kind} {meta['name']}", remove)
     return created
 
 
-def wait_gone(cluster: Cluster, kind: str, name: str, namespace: str | None, timeout: float = 60) -> None:
+def wait_gone(cluster: Cluster, kind: str, name: str, namespace: str | None, uid: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while cluster.read(kind, name, namespace) is not None:
+    while (found := cluster.read(kind, name, namespace)) is not None and found["metadata"]["uid"] == uid:
         if time.monotonic() > deadline:
-            raise BottleError(f"{kind} {name} was deleted but is still there after {timeout:.0f} s")
+            where = f" in {namespace}" if namespace else ""
+            raise BottleError(f"{kind} {name}{where} was deleted but is still there after {timeout:.0f} s")
         time.sleep(0.5)
 
 
@@ -190,18 +231,19 @@ def selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
     for expression in selector.get("matchExpressions") or []:
         key, values = expression.get("key"), expression.get("values") or []
         matched = {"In": pod_labels.get(key) in values, "NotIn": pod_labels.get(key) not in values,
-                   "Exists": key in pod_labels, "DoesNotExist": key not in pod_labels}.get(expression.get("operator"))  # fmt: skip
+                   "Exists": key in pod_labels, "DoesNotExist": key not in pod_labels}.get(expression.get("operator"), True)  # fmt: skip
         if not matched:
             return False
     return True
 
 
-def check_other_policies(cluster: Cluster, planned: KubernetesBottlePlan, owner: str) -> None:
+def check_other_policies(cluster: Cluster, planned: KubernetesBottlePlan, state: StateStore) -> None:
     """Refuse a namespace where a NetworkPolicy not of this bottle selects its Pods: policies add up, so
     any rule of another's (allow DNS, allow the namespace) would open what the bottle's own shut."""
     pods = [o for o in planned.objects if o["kind"] == "Pod"]
+    ours = {entry.uid for entry in made.load(state, planned.slug)}
     for policy in cluster.list("NetworkPolicy", "", planned.namespace):
-        if owned_slug(policy["metadata"].get("labels"), BACKEND, owner) == planned.slug:
+        if policy["metadata"]["uid"] in ours:
             continue
         hit = [p["metadata"]["name"] for p in pods if selects(policy["spec"].get("podSelector") or {}, p["metadata"]["labels"])]
         if hit:
@@ -280,21 +322,21 @@ def up(manifest: Manifest, state: StateStore, *, on_step: Progress, ready_timeou
         def apply(obj: dict[str, Any], *made_from: dict[str, Any]) -> dict[str, Any]:
             sent = step(obj["kind"], lambda: filled(obj, planned, state))
             return step(obj["kind"], lambda: ensure(cluster, annotated(sent, digest(key, sent, *made_from)),
-                                                    manifest.slug, owner, undo))  # fmt: skip
+                                                    manifest.slug, state, undo))  # fmt: skip
 
         *infrastructure, _, _, _ = planned.objects
         for obj in infrastructure:
             apply(obj)
-        step("NetworkPolicy", lambda: check_other_policies(cluster, planned, owner))
+        step("NetworkPolicy", lambda: check_other_policies(cluster, planned, state))
         on_step("objects", ", ".join(f"{obj['kind']} {obj['metadata']['name']}" for obj in infrastructure))
-        service = cluster.read("Service", infrastructure[-1]["metadata"]["name"], planned.namespace) or {}
-        bundle_ip = service.get("spec", {}).get("clusterIP")
+        service = step("Service", lambda: cluster.read("Service", infrastructure[-1]["metadata"]["name"], planned.namespace))
+        bundle_ip = (service or {}).get("spec", {}).get("clusterIP")
         if not bundle_ip or bundle_ip == "None":
             raise StepFailed("Service", f"Service {infrastructure[-1]['metadata']['name']} has no ClusterIP")
         result = build_plan(manifest, state, owner, (planned.context, planned.server), bundle_ip)
         agent, config, bundle = result.objects[-3:]
         apply(agent)
-        agent = wait_for(cluster, agent, "running", is_running, "agent", ready_timeout)
+        agent = step("agent", lambda: wait_for(cluster, agent, "running", is_running, "agent", ready_timeout))
         agent_ip = step("agent", lambda: pod_ip(agent))
         on_step("agent", f"Pod {agent['metadata']['name']} at {agent_ip}, its one way out {result.proxy_url}")
         step("bundle config", lambda: sidecar.write_bundle_files(
@@ -303,7 +345,7 @@ def up(manifest: Manifest, state: StateStore, *, on_step: Progress, ready_timeou
         apply(config)
         apply(bundle, *(filled(obj, result, state) for obj in result.objects if obj["kind"] in {"Secret", "ConfigMap"}))
         on_step("bundle start", f"Pod {bundle['metadata']['name']}, serving {agent_ip} alone")
-        wait_for(cluster, bundle, "ready", is_ready, "bundle ready", ready_timeout)
+        step("bundle ready", lambda: wait_for(cluster, bundle, "ready", is_ready, "bundle ready", ready_timeout))
         on_step("bundle ready", f"proxy at {result.proxy_url}")
         state.save_plan(result)
     return result
@@ -325,7 +367,7 @@ def _selector(wanted: dict[str, str]) -> str:
 
 def _objects(cluster: Cluster, selector: str, namespaces: list[str]) -> list[dict[str, Any]]:
     """Every object of the six kinds matching `selector`: across namespaces where the cluster lets us
-    list them so, else in `namespaces` (the ones the plans on disk name)."""
+    list them so, else in `namespaces` (the ones bottle's records name)."""
     found = []
     for kind in KINDS:
         try:
@@ -339,27 +381,32 @@ def _objects(cluster: Cluster, selector: str, namespaces: list[str]) -> list[dic
 
 
 def down(slug: str, state: StateStore) -> list[str]:
-    """Delete every object of the bottle this state root made, Pods first and policies last, then its state
-    (kept if anything could not be deleted, as proof of what is ours)."""
-    owner = state.owner()
+    """Delete every object bottle made for the bottle (by the uids on record), Pods first, policies once the
+    Pods are gone, the Namespace last; then its state, kept while anything could not be deleted."""
     try:
         made_by = (state.read_plan_data(slug) or {}).get("backend")
-        planned = saved_plan(state, slug)
-    except (StateError, ValueError):
-        made_by, planned = BACKEND, None  # a plan that cannot be read is removed by whichever backend gets there
+    except StateError:
+        made_by = BACKEND  # a plan that cannot be read is removed by whichever backend gets there
+    entries = sorted(made.load(state, slug), key=lambda entry: DELETE_ORDER.index(entry.kind))
     removed: list[str] = []
-    if owner is not None and (planned is not None or contexts()[1] is not None):
-        cluster = Cluster.connect(planned.context if planned else None)
-        found = _objects(cluster, _selector(labels(slug, BACKEND, owner)), [planned.namespace] if planned else [])
-        found.sort(key=lambda item: DELETE_ORDER.index(item["kind"]))
-        for item in found:
-            meta = item["metadata"]
-            if item["kind"] == "NetworkPolicy":  # the Pods they confine must be gone first
-                for pod in (p for p in found if p["kind"] == "Pod"):
-                    wait_gone(cluster, "Pod", pod["metadata"]["name"], pod["metadata"]["namespace"])
-            if cluster.delete(item["kind"], meta["name"], meta.get("namespace")):
-                where = f" in {meta['namespace']}" if meta.get("namespace") else ""
-                removed.append(f"{item['kind']} {meta['name']}{where}")
+    failed: list[str] = []
+    clusters: dict[str, Cluster] = {}
+    for entry in entries:
+        where = f" in {entry.namespace}" if entry.namespace else ""
+        try:
+            cluster = clusters.get(entry.context) or clusters.setdefault(entry.context, Cluster.connect(entry.context))
+            if entry.kind == "NetworkPolicy":  # the Pods they confine must be gone first
+                for pod in (e for e in entries if e.kind == "Pod" and e.context == entry.context):
+                    wait_gone(cluster, "Pod", pod.name, pod.namespace, pod.uid)
+            if cluster.delete(entry.kind, entry.name, entry.namespace, entry.uid):
+                removed.append(f"{entry.kind} {entry.name}{where}")
+            made.forget(state, slug, entry.uid)
+        except BottleError as exc:
+            failed.append(f"{entry.kind} {entry.name}{where}: {exc}")
+    if failed:
+        done = f" (removed: {', '.join(removed)})" if removed else ""
+        raise BottleError(f"could not remove all of bottle '{slug}': {'; '.join(failed)}; kept its state until the "
+                          f"rest is removed{done}")  # fmt: skip
     if made_by == BACKEND and (path := state.remove_bottle(slug)) is not None:
         removed.append(f"state {path}")
     return removed
@@ -375,8 +422,8 @@ def part_status(item: dict[str, Any]) -> str:
 
 
 def inventory(state: StateStore) -> list[BottleStatus]:
-    """Every kubernetes bottle this state root knows of: by its plan on disk, or by its objects' labels in
-    the current context and every context a plan names."""
+    """Every kubernetes bottle this state root knows of, by its plan on disk or its objects on record; and
+    every object that carries bottle's labels but is not on record, as foreign."""
     found = sidecar.Found()
     for slug in state.slugs():
         try:
@@ -385,27 +432,33 @@ def inventory(state: StateStore) -> list[BottleStatus]:
                 found.plans[slug] = KubernetesBottlePlan.model_validate(data)
         except (StateError, ValueError):
             found.plans[slug] = None
-    owner = state.owner()
-    wanted = {p.context for p in found.plans.values() if p} | ({contexts()[1]} - {None})
-    selector = _selector({LABEL_MANAGED: "true", LABEL_BACKEND: BACKEND})
-    for context in sorted(wanted):
+    recorded = {slug: made.load(state, slug) for slug in made.slugs(state)}
+    ours = {entry.uid: slug for slug, entries in recorded.items() for entry in entries}
+    places: dict[str, set[str]] = {}
+    for entry in (e for entries in recorded.values() for e in entries):
+        places.setdefault(entry.context, set()).add(entry.namespace or "")
+    current = contexts()[1]
+    if current is not None:
+        places.setdefault(current, set())
+    for context, namespaces in sorted(places.items()):
         cluster = Cluster.connect(context)
-        namespaces = sorted({p.namespace for p in found.plans.values() if p and p.context == context})
-        for item in _objects(cluster, selector, namespaces):
-            if item["metadata"].get("deletionTimestamp"):
-                continue  # on its way out (a Namespace waits for the cluster to empty it)
-            item_labels = item["metadata"].get("labels") or {}
+        selector = _selector({LABEL_MANAGED: "true", LABEL_BACKEND: BACKEND})
+        for item in _objects(cluster, selector, sorted(namespaces - {""})):
             meta, kind = item["metadata"], item["kind"]
-            slug = owned_slug(item_labels, BACKEND, owner)
+            if meta.get("deletionTimestamp"):
+                continue  # on its way out (a Namespace waits for the cluster to empty it)
+            slug = ours.get(meta["uid"])
             if slug is None:
                 where = f" -n {meta['namespace']}" if meta.get("namespace") else ""
-                why = f"carries bottle's labels but {why_not_owned(item_labels, BACKEND, owner)}"
                 command = f"kubectl delete {kind.lower()} {meta['name']}{where}"
+                why = "carries bottle's labels but bottle has no record of making it"
                 found.foreign.append(sidecar.foreign(BACKEND, f"{kind} {meta['name']}{where}", why, command))
                 continue
-            role = item_labels.get(LABEL_ROLE)
+            role = (meta.get("labels") or {}).get(LABEL_ROLE)
             part = role if kind == "Pod" else "policies" if kind == "NetworkPolicy" else "config"
             if part in found.parts.get(slug, {}) and kind != "Pod":
                 continue
             found.add(slug, part, part_status(item))
+    for slug in recorded:  # on record, but nothing of it found: still a bottle `down` or `gc` can finish
+        found.parts.setdefault(slug, {})
     return sidecar.statuses(found, BACKEND, ["config", "policies", "bundle", "agent"], lambda p: p.bundle_ip or "-")
