@@ -60,14 +60,14 @@ def _load(manifest_path: Path) -> tuple[Manifest, Backend, docker.DockerClient, 
     return manifest, backend, client, backend.preflight(docker=client, manifest=manifest)
 
 
-def _backends(client: docker.DockerClient | None) -> Iterator[Backend]:
-    """Every installed backend that can be asked here: those that need the Docker Engine only if it answers."""
-    for name in registry.available():
-        backend = registry.load(name)()
-        if client is None and backend.needs_docker:
-            click.echo(f"note: {name} bottles not looked at: no Docker Engine is reachable", err=True)
-            continue
-        yield backend
+def _backends(client: docker.DockerClient | None) -> tuple[list[Backend], list[str]]:
+    """The installed backends that can be asked here (those that need the Docker Engine only if it
+    answers), and a sentence for the ones that cannot."""
+    backends = [registry.load(name)() for name in registry.available()]
+    skipped = [b.name for b in backends if client is None and b.needs_docker]
+    problems = [f"{' and '.join(skipped)} bottles not looked at: no Docker Engine is reachable (start it, or point "
+                "DOCKER_HOST at it)"] if skipped else []  # fmt: skip
+    return [b for b in backends if b.name not in skipped], problems
 
 
 def _ready(backend: Backend, report: PreflightReport) -> None:
@@ -199,18 +199,19 @@ def down(name: str) -> None:
     removed: list[str] = []
     failed: list[str] = []
     with _terminate_as_interrupt(), state.lock(slug):
-        for backend in _backends(client):  # every backend, even when one of them fails
+        backends, skipped = _backends(client)
+        for backend in backends:  # every backend, even when one of them fails
             try:
                 removed += backend.down(slug, docker=client, state=state)
             except BottleError as exc:
                 failed.append(str(exc))
     for thing in removed:
         click.echo(f"removed {thing}")
-    if failed:
-        raise BottleError("; ".join(failed))
+    if failed or (skipped and not removed):  # what was not looked at may hold the bottle
+        raise BottleError("; ".join(failed + skipped))
+    for note in skipped:
+        click.echo(f"note: {note}", err=True)
     if not removed:
-        if client is None:  # what was not looked at may hold it
-            docker_client()
         click.echo(f"bottle '{slug}': nothing to remove")
 
 
@@ -221,22 +222,30 @@ def _slug_of(name: str) -> str:
         raise UsageError(f"'{name}' is not a bottle name: it {exc}") from None
 
 
-def _inventory(client: docker.DockerClient | None, state: StateStore) -> list[BottleStatus]:
-    """Every backend's bottles; a backend that cannot look (its cluster is down, say) is named on stderr."""
+def _inventory(client: docker.DockerClient | None, state: StateStore) -> tuple[list[BottleStatus], list[str]]:
+    """Every backend's bottles, and a sentence for each backend that could not look (no Docker Engine, a
+    cluster that does not answer): the others' bottles are listed all the same."""
     found: list[BottleStatus] = []
-    for backend in _backends(client):
+    backends, problems = _backends(client)
+    for backend in backends:
         try:
             found += backend.inventory(docker=client, state=state)
         except BottleError as exc:
-            click.echo(_printable(f"note: {backend.name} bottles not looked at: {exc}"), err=True)
-    return found
+            problems.append(f"{backend.name} bottles not looked at: {exc}")
+    return found, problems
 
 
 @cli.command(name="ls")
 @json_option
 def ls_command(as_json: bool) -> None:
     """List every bottle on this machine, its parts, and anything that does not add up."""
-    statuses = _inventory(optional_docker_client(), StateStore())
+    statuses, problems = _inventory(optional_docker_client(), StateStore())
+    _list(statuses, as_json)
+    if problems:  # a partial list is not the answer: say what is missing from it, and exit 1
+        raise EnvironmentProblem("; ".join(problems))
+
+
+def _list(statuses: list[BottleStatus], as_json: bool) -> None:
     if as_json:
         rows = [s.model_dump() | {"state": s.state} for s in statuses]
         click.echo(json.dumps(rows, indent=2))
@@ -263,7 +272,7 @@ def gc(dry_run: bool) -> None:
     """Remove leftovers: bottle resources and VMs that belong to no bottle on disk."""
     client = optional_docker_client()
     state = StateStore()
-    found = _inventory(client, state)
+    found, problems = _inventory(client, state)
     for stray in (s for s in found if s.foreign):
         click.echo(_printable(f"left alone: {stray.drift[0]}"), err=True)
     orphans = [s for s in found if s.orphan]
@@ -291,6 +300,8 @@ def gc(dry_run: bool) -> None:
         click.echo("nothing to collect")
     if failed:
         raise BottleError(f"could not collect {', '.join(failed)}; the lines above say why")
+    if problems:
+        raise EnvironmentProblem("; ".join(problems))
 
 
 def _printable(text: str) -> str:

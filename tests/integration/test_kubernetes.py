@@ -34,10 +34,13 @@ DROPPED_BY_1_20 = frozenset({"appArmorProfile"})
 
 
 @pytest.fixture(autouse=True)
-def _no_docker(mocker):
-    """These tests are about the cluster: `ls`, `gc` and `down` leave the docker backends out (as where no
-    Docker Engine runs), so containers of other tests cannot change what they print."""
-    mocker.patch("bottle.cli.optional_docker_client", return_value=None)
+def _kubernetes_only(mocker):
+    """These tests are about the cluster: `ls`, `gc` and `down` ask the kubernetes backend alone, so
+    containers of other tests cannot change what they print."""
+    from bottle import registry
+
+    installed = registry.available()
+    mocker.patch.object(registry, "available", return_value={"kubernetes": installed["kubernetes"]})
 
 
 def run(capsys, *args):
@@ -319,7 +322,7 @@ def test_an_unreachable_cluster_is_one_sentence(capsys, apiserver, name, tmp_pat
     assert "cluster: the Kubernetes API server at https://127.0.0.1:9 (context 'bottle-test') did not answer" in err
     assert "Traceback" not in err
     code, out, err = run(capsys, "ls")
-    assert code == 0 and "note: kubernetes bottles not looked at: the Kubernetes API server at" in err
+    assert code == 1 and "bottle: kubernetes bottles not looked at: the Kubernetes API server at" in err
 
 
 @pytest.mark.parametrize("selector", [{}, {"matchLabels": {"bottle.role": "agent"}},
