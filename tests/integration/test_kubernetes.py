@@ -431,3 +431,16 @@ def test_a_kubeconfig_that_is_not_yaml_is_one_sentence(capsys, name, tmp_path, m
         assert f"the kubeconfig {broken} cannot be used" in err, (command, err)
     code, out, err = run(capsys, "plan", "-f", str(tmp_path / f"{name}.toml"))  # rendered without a cluster
     assert code == 0 and "server         (no usable kubeconfig context)" in out and "`bottle doctor` says why" in err
+
+
+def test_logs_and_attach_go_through_the_api_server(capsys, kube, kubelet, name, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """No kubelet here: the API server has no log for a Pod on no node (it answers with an empty one), and
+    cannot open its terminal, and says so."""
+    monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
+    path = write_manifest(tmp_path, name)
+    assert run(capsys, "up", "-d", "-f", str(path))[0] == 0
+    assert run(capsys, "logs", name) == (0, "", "")
+    code, _, err = run(capsys, "up", "-f", str(path))  # up, then attach
+    assert code == 1 and f"bottle: cannot attach to Pod bottle-{name}-agent: " in err
+    assert run(capsys, "down", name)[0] == 0

@@ -30,7 +30,7 @@ __all__ = ["KubernetesBackend", "KubernetesBottlePlan"]
 NEEDED = [
     *((verb, "", resource, "") for resource in ("pods", "services", "configmaps", "secrets")
       for verb in ("create", "get", "update", "delete")),
-    *((verb, "networking.k8s.io", "networkpolicies", "") for verb in ("create", "get", "update", "delete")),
+    *((verb, "networking.k8s.io", "networkpolicies", "") for verb in ("create", "get", "list", "update", "delete")),
     ("create", "", "pods", "attach"), ("create", "", "pods", "exec"), ("get", "", "pods", "log"),
 ]  # fmt: skip
 NETWORK_POLICY_NOTE = (
