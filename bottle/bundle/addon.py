@@ -231,7 +231,12 @@ class BottlePolicy:
             self._refuse(flow, decision)
             return
         if self._tunnels.get(flow.client_conn.id):
-            request.data.host = host  # mitmproxy derives it from the server address, which we pin to an IP
+            # mitmproxy reuses one of this tunnel's upstream connections only for a request whose host and port
+            # are that connection's address, which server_connect pins to the checked IP. Naming the checked IP
+            # here keeps a kept-alive tunnel on one upstream connection while its host still resolves there, and
+            # opens (and checks) a new one when it does not. Every connection of a tunnel is to the tunnel's host
+            # with TLS verified for it (server_connect), so no request rides on TLS verified for another name.
+            request.data.host = str(decision.address)
         if not (request.is_http2 or request.is_http3):
             request.authority = ""  # origin-form upstream: the target carries no authority of its own
         credentials = self.policy.headers_for(host, self.secrets)
@@ -277,6 +282,8 @@ class BottlePolicy:
                           bytes_out=0, bytes_in=0)  # fmt: skip
             return
         data.server.address = (str(decision.address), port)  # connect to exactly the address we checked
+        if data.client.id in self._tunnels:
+            data.server.sni = host  # the tunnel's host names and verifies the upstream TLS, never the address
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.client.id in self._passthrough and not str(data.server.error or "").startswith("bottle: refused"):

@@ -32,10 +32,12 @@ class _Echo(BaseHTTPRequestHandler):
     def _echo(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         body = json.dumps(
-            {"method": self.command, "path": self.path, "headers": dict(self.headers), "body_bytes": length}
-        ).encode()
+            {"method": self.command, "path": self.path, "headers": dict(self.headers), "body_bytes": length,
+             "peer_port": self.client_address[1]}  # which connection it came on
+        ).encode()  # fmt: skip
         if length:
             self.rfile.read(length)
+        self.server.requests += 1  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -48,9 +50,19 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
+class _KeepAlive(_Echo):
+    protocol_version = "HTTP/1.1"  # keeps a connection open for the next request, as most servers do
+    disable_nagle_algorithm = True  # the body leaves with the headers, not a delayed ACK (40 ms) later
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 drops connections that arrive together, as a burst of clients does
     daemon_threads = True
+    connections = requests = 0  # accepted and answered so far
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
 
 
 def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[str]) -> tuple[bytes, bytes]:
@@ -77,13 +89,16 @@ def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[str]) -
 
 
 @contextmanager
-def echo_server(host: str, *, tls_names: list[str] | None = None, workdir: Path | None = None) -> Iterator[dict]:
-    """Serve the echo upstream on `host` (a free port); with `tls_names`, over TLS from a fresh test CA.
+def echo_server(host: str, *, tls_names: list[str] | None = None, workdir: Path | None = None,
+                keep_alive: bool = False) -> Iterator[dict]:  # fmt: skip
+    """Serve the echo upstream on `host` (a free port); with `tls_names`, over TLS from a fresh test CA;
+    with `keep_alive`, HTTP/1.1 keeping connections open (otherwise HTTP/1.0, one request a connection).
 
-    Yields {"port": ..., "ca": path of the CA certificate that signed it (TLS only)}.
+    Yields {"port": ..., "ca": path of the CA certificate that signed it (TLS only), "server": the server,
+    whose `connections` and `requests` count what it accepted and answered}.
     """
-    server = _Server((host, 0), _Echo)
-    info: dict[str, Any] = {"port": server.server_address[1]}
+    server = _Server((host, 0), _KeepAlive if keep_alive else _Echo)
+    info: dict[str, Any] = {"port": server.server_address[1], "server": server}
     if tls_names:
         assert workdir is not None
         ca_key, ca_cert = create_ca("bottle test upstream CA")

@@ -49,7 +49,8 @@ def world(upstream_net, tmp_path_factory):
     (workdir / CA_FILE).write_bytes(key + cert)
     (workdir / "bundle-ca.pem").write_bytes(cert)
     audit: list[dict] = []
-    with echo_server(gateway, tls_names=["upstream.test", "other.test"], workdir=workdir) as tls_up, \
+    with echo_server(gateway, tls_names=["upstream.test", "other.test", "flip.test"], workdir=workdir,
+                     keep_alive=True) as tls_up, \
          echo_server(gateway) as plain_up, \
          echo_server(gateway, tls_names=["untrusted.test"], workdir=workdir / "untrusted") as untrusted_up:  # fmt: skip
         closed = _closed_port(gateway)
@@ -60,6 +61,7 @@ def world(upstream_net, tmp_path_factory):
             "pass.test": gateway,
             "untrusted.test": gateway,
             "slow.test": gateway,
+            "flip.test": gateway,  # a test points it elsewhere and back
             "loop.test": "127.0.0.1",
             "meta.test": "169.254.169.254",
             "lan.test": "192.168.250.9",
@@ -67,7 +69,7 @@ def world(upstream_net, tmp_path_factory):
         }
         config = BundleConfig(
             allow=[Rule(host=h, ports=ports, cidrs=[subnet]) for h in ("upstream.test", "other.test", "untrusted.test",
-                                                                       "slow.test")]
+                                                                       "slow.test", "flip.test")]
             + [Rule(host="pass.test", ports=ports, cidrs=[subnet], intercept=False)]
             + [Rule(host=h, ports=ports) for h in ("loop.test", "meta.test", "lan.test")]
             + [Rule(host="nat64.test", ports=ports, cidrs=[ip_network("fc00::/7")])]
@@ -89,6 +91,7 @@ def world(upstream_net, tmp_path_factory):
         with running_bundle(config, {"c0": SECRET}, workdir / CA_FILE, resolver, audit.append,
                             upstream_ca=tls_up["ca"]) as proxy_port:  # fmt: skip
             yield {"proxy": proxy_port, "tls": tls_up["port"], "plain": plain_up["port"], "audit": audit,
+                   "table": table, "gateway": gateway, "tls_server": tls_up["server"],
                    "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem",
                    "dns": config.dns_port}  # fmt: skip
 
@@ -345,15 +348,80 @@ def test_an_ipv6_form_of_loopback_is_refused(world):
     assert reply.startswith("HTTP/1.1 403") and "which carries 127.0.0.1" in reply
 
 
-def test_keep_alive_requests_in_one_tunnel_all_reach_the_upstream(world):
+def keep_alive_tunnel(world, host):
     context = ssl.create_default_context(cafile=str(world["client_ca"]))
     conn = http.client.HTTPSConnection("127.0.0.1", world["proxy"], context=context, timeout=10)
-    conn.set_tunnel("upstream.test", world["tls"])
-    for _ in range(3):
-        conn.request("GET", "/echo", headers={"Host": f"upstream.test:{world['tls']}"})
-        response = conn.getresponse()
-        assert response.status == 200 and json.loads(response.read())["headers"]["x-api-key"] == SECRET
+    conn.set_tunnel(host, world["tls"])
+    return conn
+
+
+def keep_alive_get(conn, host, port, headers=None):
+    """One request on a kept-alive tunnel: (status, the upstream's echo or the bundle's body)."""
+    conn.request("GET", "/echo", headers={"Host": f"{host}:{port}", **(headers or {})})
+    response = conn.getresponse()
+    body = response.read()
+    assert not response.will_close, "the bundle closed a kept-alive tunnel"
+    return response.status, json.loads(body) if response.status == 200 else body
+
+
+def test_keep_alive_requests_in_one_tunnel_share_one_upstream_connection(world):
+    # More than mitmproxy's 5 connections to one address per client: with a connection per request and an
+    # upstream that keeps them open, the sixth request waited for one to close.
+    port, server, before = world["tls"], world["tls_server"], len(world["audit"])
+    connections = server.connections
+    conn = keep_alive_tunnel(world, "upstream.test")
+    echoes = [keep_alive_get(conn, "upstream.test", port)[1] for _ in range(8)]
     conn.close()
+    assert all(e["headers"]["x-api-key"] == SECRET for e in echoes)
+    assert len({e["peer_port"] for e in echoes}) == 1 and server.connections == connections + 1
+    lines = [(e["method"], e["host"], e["status"]) for e in world["audit"][before:] if e["host"] == "upstream.test"]
+    assert lines == [("CONNECT", "upstream.test", 200)] + [("GET", "upstream.test", 200)] * 8  # one line a request
+
+
+def test_a_reused_upstream_connection_carries_only_its_tunnels_host(world):
+    """Two tunnels to names at one address and port: each its own upstream connection, with TLS verified
+    for its own name; a request for the other name inside a tunnel is refused and logged, and the tunnel's
+    next request still goes on its own connection."""
+    port = world["tls"]
+    with_key = keep_alive_tunnel(world, "upstream.test")
+    without = keep_alive_tunnel(world, "other.test")
+    try:
+        first = keep_alive_get(with_key, "upstream.test", port)[1]
+        other = keep_alive_get(without, "other.test", port, {"x-api-key": "agent-guess"})[1]
+        before = len(world["audit"])
+        status, body = keep_alive_get(with_key, "other.test", port)
+        assert status == 403 and b"Host names other.test" in body and SECRET.encode() not in body
+        assert [(e["decision"], e["host"], e["status"]) for e in world["audit"][before:]] == [
+            ("deny", "upstream.test", 403)]  # fmt: skip
+        again = keep_alive_get(with_key, "upstream.test", port)[1]
+        other_again = keep_alive_get(without, "other.test", port)[1]
+    finally:
+        with_key.close()
+        without.close()
+    assert first["peer_port"] == again["peer_port"] != other["peer_port"] == other_again["peer_port"]
+    assert again["headers"]["x-api-key"] == SECRET
+    assert other["headers"]["x-api-key"] == "agent-guess" and "x-api-key" not in other_again["headers"]
+
+
+def test_a_kept_alive_tunnel_whose_host_rebinds_inward_is_refused_not_sent_on_its_open_connection(world, monkeypatch):
+    monkeypatch.setattr("bottle.bundle.addon.DECISION_TTL", 0)  # every request decides afresh
+    port, server = world["tls"], world["tls_server"]
+    conn = keep_alive_tunnel(world, "flip.test")
+    try:
+        first = keep_alive_get(conn, "flip.test", port)[1]
+        world["table"]["flip.test"] = "127.0.0.1"
+        before, served = len(world["audit"]), server.requests
+        status, body = keep_alive_get(conn, "flip.test", port)
+        assert status == 403 and b"resolves to 127.0.0.1" in body
+        assert server.requests == served  # the open connection to the old address did not carry it
+        [entry] = world["audit"][before:]
+        assert (entry["decision"], entry["host"], entry["status"]) == ("deny", "flip.test", 403)
+        world["table"]["flip.test"] = world["gateway"]
+        again = keep_alive_get(conn, "flip.test", port)[1]
+    finally:
+        world["table"]["flip.test"] = world["gateway"]
+        conn.close()
+    assert again["peer_port"] == first["peer_port"]  # checked again, same address: the same connection
 
 
 def test_a_slow_name_does_not_hold_up_other_requests(world):

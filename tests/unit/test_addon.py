@@ -101,6 +101,7 @@ def test_a_request_in_a_verified_tunnel_gets_its_hosts_credential_replacing_the_
         lambda f: setattr(f.client_conn, "tls", False),
         lambda f: setattr(f.server_conn, "tls", False),
         lambda f: setattr(f.server_conn, "sni", "other.example.com"),  # upstream verified for another name
+        lambda f: setattr(f.server_conn, "sni", "93.184.216.34"),  # or for the address alone
     ],
 )
 def test_no_credential_without_tls_the_bundle_verified_for_the_credentials_host(addon, tamper):
@@ -164,6 +165,42 @@ def test_server_connections_are_pinned_to_the_checked_address_and_reconnects_kee
     assert data.server.address == ("93.184.216.34", 443) and data.server.error is None
     run(addon.server_connect(data))  # a reconnect: the address is an IP by now, the tunnel still names the host
     assert data.server.address == ("93.184.216.34", 443) and data.server.error is None
+
+
+def test_requests_in_a_tunnel_go_by_the_checked_address_so_only_a_connection_there_is_reused(addon, monkeypatch):
+    # mitmproxy reuses an upstream connection of the client's only for a request whose host and port are
+    # that connection's address: the address server_connect pinned and checked.
+    f = tunnel(addon, "api.example.com")
+    run(addon.request(f))
+    assert f.response is None and f.request.host == "93.184.216.34" and f.request.headers["host"] == "api.example.com"
+    monkeypatch.setattr("bottle.bundle.addon.DECISION_TTL", 0)
+    monkeypatch.setitem(TABLE, "api.example.com", "93.184.216.99")  # the name moved: a new connection, checked
+    again = flow("api.example.com", client=f.client_conn)
+    again.server_conn.tls, again.server_conn.sni = True, "api.example.com"
+    run(addon.request(again))
+    assert again.response is None and again.request.host == "93.184.216.99"
+    monkeypatch.setitem(TABLE, "api.example.com", "127.0.0.1")  # or rebound inward: refused, not sent anywhere
+    inward = flow("api.example.com", client=f.client_conn)
+    run(addon.request(inward))
+    assert inward.response.status_code == 403 and addon.log[-1]["decision"] == "deny"
+
+
+def test_a_plain_proxy_request_keeps_its_host_so_no_connection_is_shared_between_hosts(addon):
+    f = flow("api.example.com", port=80)
+    run(addon.request(f))
+    assert f.response is None and f.request.host == "api.example.com"
+
+
+def test_a_tunnels_upstream_tls_names_the_tunnels_host_whatever_name_mitmproxy_offered(addon):
+    inner = tunnel(addon, "api.example.com")
+    server = tflow.tserver_conn()
+    server.address, server.sni = ("93.184.216.34", 443), "93.184.216.34"  # a request routed by its address
+    run(addon.server_connect(server_hooks.ServerConnectionHookData(server=server, client=inner.client_conn)))
+    assert server.address == ("93.184.216.34", 443) and server.sni == "api.example.com" and server.error is None
+    plain = tflow.tserver_conn()
+    plain.address, plain.sni = ("api.example.com", 443), "api.example.com"
+    run(addon.server_connect(server_hooks.ServerConnectionHookData(server=plain, client=tflow.tclient_conn())))
+    assert plain.address == ("93.184.216.34", 443) and plain.sni == "api.example.com"
 
 
 def test_a_slow_name_is_refused_after_the_timeout_without_blocking_the_loop(addon):
