@@ -52,9 +52,10 @@ def world(upstream_net, tmp_path_factory):
     with echo_server(gateway, tls_names=["upstream.test", "other.test", "flip.test"], workdir=workdir,
                      keep_alive=True) as tls_up, \
          echo_server(gateway) as plain_up, \
+         echo_server(gateway, keep_alive=True) as plain_kept, \
          echo_server(gateway, tls_names=["untrusted.test"], workdir=workdir / "untrusted") as untrusted_up:  # fmt: skip
         closed = _closed_port(gateway)
-        ports = [tls_up["port"], plain_up["port"], untrusted_up["port"], closed]
+        ports = [tls_up["port"], plain_up["port"], plain_kept["port"], untrusted_up["port"], closed]
         table = {
             "upstream.test": gateway,
             "other.test": gateway,
@@ -91,7 +92,7 @@ def world(upstream_net, tmp_path_factory):
         with running_bundle(config, {"c0": SECRET}, workdir / CA_FILE, resolver, audit.append,
                             upstream_ca=tls_up["ca"]) as proxy_port:  # fmt: skip
             yield {"proxy": proxy_port, "tls": tls_up["port"], "plain": plain_up["port"], "audit": audit,
-                   "table": table, "gateway": gateway, "tls_server": tls_up["server"],
+                   "table": table, "gateway": gateway, "tls_server": tls_up["server"], "plain_kept": plain_kept["port"],
                    "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem",
                    "dns": config.dns_port}  # fmt: skip
 
@@ -422,6 +423,22 @@ def test_a_kept_alive_tunnel_whose_host_rebinds_inward_is_refused_not_sent_on_it
         world["table"]["flip.test"] = world["gateway"]
         conn.close()
     assert again["peer_port"] == first["peer_port"]  # checked again, same address: the same connection
+
+
+def test_a_refused_host_after_an_allowed_one_on_one_client_connection_is_refused_and_logged(world):
+    conn = http.client.HTTPConnection("127.0.0.1", world["proxy"], timeout=10)
+    answers = []
+    for host in ("upstream.test", "evil.test", "upstream.test"):
+        before = len(world["audit"])
+        conn.request("GET", f"http://{host}:{world['plain_kept']}/echo")
+        response = conn.getresponse()
+        body = response.read()
+        assert not response.will_close
+        [entry] = world["audit"][before:]
+        answers.append((response.status, entry["host"], entry["decision"]))
+        assert SECRET.encode() not in body
+    conn.close()
+    assert answers == [(200, "upstream.test", "allow"), (403, "evil.test", "deny"), (200, "upstream.test", "allow")]
 
 
 def test_a_slow_name_does_not_hold_up_other_requests(world):
