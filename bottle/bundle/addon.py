@@ -286,10 +286,16 @@ class BottlePolicy:
             data.server.sni = host  # the tunnel's host names and verifies the upstream TLS, never the address
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.client.id in self._passthrough and not str(data.server.error or "").startswith("bottle: refused"):
-            host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
-            self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
-                      reason=self._safe(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+        if data.client.id in self._passthrough:
+            if not str(data.server.error or "").startswith("bottle: refused"):
+                host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
+                self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
+                          reason=self._safe(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+        elif data.client.id in self._tunnels:
+            # mitmproxy keeps a failed connection and answers every later request for its address with its
+            # error. A tunnel's requests name the checked address, so one failure would stick for the life of
+            # the tunnel (an HTTP/2 client's above all); with no address, the next request connects anew.
+            data.server.address = None
 
     def client_connected(self, client: connection.Client) -> None:
         clients = self.policy.config.clients

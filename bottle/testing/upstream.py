@@ -90,18 +90,20 @@ def issue_certificate(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[str]) -
 
 @contextmanager
 def echo_server(host: str, *, tls_names: list[str] | None = None, workdir: Path | None = None,
-                keep_alive: bool = False) -> Iterator[dict]:  # fmt: skip
-    """Serve the echo upstream on `host` (a free port); with `tls_names`, over TLS from a fresh test CA;
-    with `keep_alive`, HTTP/1.1 keeping connections open (otherwise HTTP/1.0, one request a connection).
+                keep_alive: bool = False, port: int = 0, ca: tuple[bytes, bytes] | None = None) -> Iterator[dict]:  # fmt: skip
+    """Serve the echo upstream on `host` (`port`, or a free one); with `tls_names`, over TLS from `ca` (key,
+    certificate) or a fresh test CA; with `keep_alive`, HTTP/1.1 keeping connections open (otherwise
+    HTTP/1.0, one request a connection).
 
-    Yields {"port": ..., "ca": path of the CA certificate that signed it (TLS only), "server": the server,
-    whose `connections` and `requests` count what it accepted and answered}.
+    Yields {"port": ..., "ca": path of the CA certificate that signed it, "ca_pair": its key and certificate
+    (TLS only), "server": the server, whose `connections` and `requests` count what it accepted and answered}.
     """
-    server = _Server((host, 0), _KeepAlive if keep_alive else _Echo)
+    server = _Server((host, port), _KeepAlive if keep_alive else _Echo)
     info: dict[str, Any] = {"port": server.server_address[1], "server": server}
     if tls_names:
         assert workdir is not None
-        ca_key, ca_cert = create_ca("bottle test upstream CA")
+        ca_key, ca_cert = ca or create_ca("bottle test upstream CA")
+        info["ca_pair"] = (ca_key, ca_cert)
         key, cert = issue_certificate(ca_key, ca_cert, tls_names)
         (workdir / "upstream.pem").write_bytes(cert + key)
         (workdir / "upstream-ca.pem").write_bytes(ca_cert)

@@ -94,6 +94,7 @@ def world(upstream_net, tmp_path_factory):
             yield {"proxy": proxy_port, "tls": tls_up["port"], "plain": plain_up["port"], "audit": audit,
                    "table": table, "gateway": gateway, "tls_server": tls_up["server"], "plain_kept": plain_kept["port"],
                    "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem",
+                   "upstream_ca": tls_up["ca_pair"], "workdir": workdir,
                    "dns": config.dns_port}  # fmt: skip
 
 
@@ -530,3 +531,52 @@ def test_an_h2c_upgrade_is_stripped_before_the_upstream(world):
                                       "Connection: close\r\n\r\n".encode())  # fmt: skip
     assert status == 200
     assert not {"upgrade", "http2-settings"} & {k.lower() for k in json.loads(body)["headers"]}
+
+
+class H2Tunnel:
+    """An HTTP/2 connection through a tunnel, kept open for one request after another."""
+
+    def __init__(self, world, host):
+        import h2.config  # h2 is a dependency of mitmproxy
+        import h2.connection
+
+        self.sock = tunnel(world, host, world["closed"], alpn=["h2"])
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+        self.authority = f"{host}:{world['closed']}"
+
+    def get(self) -> int:
+        import h2.events
+
+        stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream, [(":method", "GET"), (":scheme", "https"), (":authority", self.authority),
+                                        (":path", "/echo")], end_stream=True)  # fmt: skip
+        self.sock.sendall(self.conn.data_to_send())
+        status = None
+        while True:
+            for event in self.conn.receive_data(self.sock.recv(65536)):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    return status
+            self.sock.sendall(self.conn.data_to_send())
+
+
+def test_a_failed_upstream_connect_does_not_stick_to_a_kept_alive_http2_tunnel(world, monkeypatch):
+    """Found by a red team of upstream connection reuse: mitmproxy answered every later request for the
+    failed connection's address with its error, for as long as the client kept its HTTP/2 connection."""
+    monkeypatch.setattr("bottle.bundle.addon.DECISION_TTL", 0)
+    client = H2Tunnel(world, "flip.test")  # to the port where nothing listens, yet
+    try:
+        assert client.get() == 502
+        before = len(world["audit"])
+        with echo_server(world["gateway"], tls_names=["flip.test"], workdir=world["workdir"], keep_alive=True,
+                         port=world["closed"], ca=world["upstream_ca"]) as came_back:  # fmt: skip
+            assert client.get() == 200 and came_back["server"].requests == 1
+        assert [(e["host"], e["status"]) for e in world["audit"][before:]] == [("flip.test", 200)]
+    finally:
+        client.sock.close()
