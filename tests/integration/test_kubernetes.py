@@ -155,6 +155,34 @@ def test_up_creates_exactly_the_objects_the_plan_showed_and_down_removes_them(ca
     assert namespace.metadata.deletion_timestamp is not None  # no namespace controller here to finish it
 
 
+def test_the_example_comes_up_as_its_plan_showed_and_down_removes_it(capsys, kube, core):
+    """`bottle up -f examples/kubernetes.toml` word for word (detached: no terminal can be attached here)."""
+    example = str(Path(__file__).parents[2] / "examples" / "kubernetes.toml")
+    stop = threading.Event()
+    play_kubelet(core, "bottle-kube-demo", stop)
+    try:
+        code, out, err = run(capsys, "plan", "-f", example, "--yaml")
+        assert code == 0, err
+        shown = list(yaml.safe_load_all(out))
+        assert run(capsys, "up", "-d", "-f", example)[0] == 0
+        ip = json.loads((StateStore().bottle_dir("kube-demo") / "plan.json").read_text())["bundle_ip"]
+        expected = json.loads(json.dumps(shown).replace(f"http://{UNASSIGNED_IP}:", f"http://{ip}:")
+                              .replace(NO_OWNER, StateStore().owner()))  # fmt: skip
+        found = objects_of(kube, "kube-demo")
+        assert sorted(found) == sorted((o["kind"], o["metadata"]["name"]) for o in expected)
+        for obj in expected:
+            if obj["kind"] not in ("Secret", "ConfigMap"):  # their values are files' (the test above reads them)
+                held = found[(obj["kind"], obj["metadata"]["name"])]
+                rendered = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+                assert differences(held, rendered, dropped=DROPPED_BY_1_20) == [], obj["kind"]
+        code, out, err = run(capsys, "down", "kube-demo")
+        assert code == 0 and out.count("removed ") == 10, out  # nine objects and the state directory
+        assert objects_of(kube, "kube-demo") == {}
+    finally:
+        stop.set()
+        sweep(kube, "kube-demo")
+
+
 def test_up_of_a_running_bottle_changes_nothing(capsys, kube, kubelet, name, tmp_path, monkeypatch):
     monkeypatch.setenv("BOTTLE_K8S_TEST_KEY", SECRET)
     path = write_manifest(tmp_path, name)
