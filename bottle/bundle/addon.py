@@ -248,6 +248,15 @@ class BottlePolicy:
                 request.headers.pop(header, None)  # never pass on a guess at the secret, either
         flow.metadata["bottle_decision"] = decision
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        plain = "bottle_decision" in flow.metadata and flow.client_conn.id not in self._tunnels
+        if plain and flow.response is not None and flow.response.status_code != 101:  # 101: a protocol switch
+            # A plain proxy request's upstream connection is never reused (its address is the checked IP, the
+            # request names the host), and mitmproxy holds at most five open to one address per client: with
+            # servers that keep connections alive, the sixth request would wait forever. Each one is closed
+            # after its response instead, and so is the agent's connection, which it opens anew.
+            flow.response.headers["connection"] = "close"
+
     def response(self, flow: http.HTTPFlow) -> None:
         decision = flow.metadata.get("bottle_decision")
         if decision is None or flow.response is None:

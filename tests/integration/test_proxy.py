@@ -426,20 +426,22 @@ def test_a_kept_alive_tunnel_whose_host_rebinds_inward_is_refused_not_sent_on_it
     assert again["peer_port"] == first["peer_port"]  # checked again, same address: the same connection
 
 
-def test_a_refused_host_after_an_allowed_one_on_one_client_connection_is_refused_and_logged(world):
+def test_requests_on_one_plain_client_connection_are_each_decided_and_logged(world):
+    """A refusal keeps the agent's connection open for its next request, which is decided afresh; an
+    allowed plain request's answer closes it (see the test below)."""
     conn = http.client.HTTPConnection("127.0.0.1", world["proxy"], timeout=10)
     answers = []
-    for host in ("upstream.test", "evil.test", "upstream.test"):
+    for host in ("evil.test", "evil.test", "upstream.test"):
         before = len(world["audit"])
         conn.request("GET", f"http://{host}:{world['plain_kept']}/echo")
         response = conn.getresponse()
         body = response.read()
-        assert not response.will_close
         [entry] = world["audit"][before:]
-        answers.append((response.status, entry["host"], entry["decision"]))
+        answers.append((response.status, entry["host"], entry["decision"], response.will_close))
         assert SECRET.encode() not in body
     conn.close()
-    assert answers == [(200, "upstream.test", "allow"), (403, "evil.test", "deny"), (200, "upstream.test", "allow")]
+    assert answers == [(403, "evil.test", "deny", False), (403, "evil.test", "deny", False),
+                       (200, "upstream.test", "allow", True)]  # fmt: skip
 
 
 def test_a_slow_name_does_not_hold_up_other_requests(world):
@@ -580,3 +582,21 @@ def test_a_failed_upstream_connect_does_not_stick_to_a_kept_alive_http2_tunnel(w
         assert [(e["host"], e["status"]) for e in world["audit"][before:]] == [("flip.test", 200)]
     finally:
         client.sock.close()
+
+
+def test_plain_requests_to_a_server_that_keeps_connections_open_never_pile_up(world):
+    """mitmproxy holds at most five upstream connections to one address per client, and a plain proxy
+    request's connection is never reused: the sixth request to a kept-alive server used to hang, unlogged."""
+    port, before = world["plain_kept"], len(world["audit"])
+    conn = http.client.HTTPConnection("127.0.0.1", world["proxy"], timeout=5)  # reconnects when told to close
+    statuses = []
+    try:
+        for host in ["upstream.test", "other.test"] * 4:
+            conn.request("GET", f"http://{host}:{port}/echo", headers={"Host": f"{host}:{port}"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        conn.close()
+    assert statuses == [200] * 8
+    assert [(e["host"], e["status"]) for e in world["audit"][before:]] == [("upstream.test", 200), ("other.test", 200)] * 4
