@@ -224,7 +224,7 @@ def check_members(client: docker.DockerClient, network: Network, spec: NetworkSp
     stopped container counts too, since it can be started later.
     """
     # The Engine matches a container that never started by the network's name only, a started one by either.
-    for container in client.containers.list(all=True, filters={"network": network.name}):
+    for container in client.containers.list(all=True, filters={"network": network.name}, ignore_removed=True):
         found = container.labels or {}
         if owned_slug(found, spec.backend, owner) != spec.slug or found.get(LABEL_ROLE) not in spec.members:
             raise BottleError(
@@ -500,7 +500,7 @@ def down(
     selector = {"label": label_filter(labels(slug, backend, owner or "none"))}
 
     def containers(done: list[str]) -> None:
-        for container in client.containers.list(all=True, filters=selector) if owner else []:
+        for container in client.containers.list(all=True, filters=selector, ignore_removed=True) if owner else []:
             container.remove(force=True)
             done.append(f"container {container.name}")
 
@@ -538,7 +538,7 @@ def bundle_log(client: docker.DockerClient | None, state: StateStore, slug: str,
     wanted = label_filter({LABEL_MANAGED: "true", LABEL_SLUG: slug, LABEL_OWNER: str(owner), LABEL_ROLE: BUNDLE})
     if client is None:
         raise DockerProblem(f"bottle '{slug}' has its bundle on the Docker Engine, which is not reachable")
-    found = client.containers.list(all=True, filters={"label": wanted}) if owner else []
+    found = client.containers.list(all=True, filters={"label": wanted}, ignore_removed=True) if owner else []
     if not found:
         raise UsageError(f"bottle '{slug}' has no bundle made from this state directory; `bottle ls` lists the bottles")
     if len(found) > 1:
@@ -583,7 +583,8 @@ def survey_bottles(client: docker.DockerClient, state: StateStore, backend: str,
     found = Found()
     selector = {"label": [LABEL_MANAGED, f"{LABEL_BACKEND}={backend}"]}
     resources = [("network", n, n.attrs.get("Labels") or {}) for n in client.networks.list(filters=selector)]
-    resources += [("container", c, c.labels or {}) for c in client.containers.list(all=True, filters=selector)]
+    containers = client.containers.list(all=True, filters=selector, ignore_removed=True)  # one may go meanwhile
+    resources += [("container", c, c.labels or {}) for c in containers]
     for kind, resource, resource_labels in resources:
         slug = owned_slug(resource_labels, backend, owner)
         if slug is None:

@@ -60,3 +60,31 @@ def test_resources_without_a_plan_are_orphans():
     orphan = status({"network": "present", "bundle": "missing", "machine": "missing"}, name=None)
     assert orphan.orphan and orphan.state == "orphan"
     assert "bottle gc" in orphan.drift[0]
+
+
+def test_a_container_removed_while_bottle_lists_them_is_not_an_error(tmp_path, mocker):
+    """`docker.containers.list` inspects each container it lists; one removed in between (another
+    `down`, a test's cleanup) made `ls` and `gc` fail with the Engine's 404."""
+    from bottle import sidecar
+    from bottle.backend import labels
+    from bottle.backends.docker.plan import DockerBottlePlan
+    from bottle.state import StateStore
+    from bottle.testing import FakeDocker
+
+    client, state = FakeDocker(), StateStore(tmp_path / "state")
+    owner = state.owner(create=True)
+    client.engine.add_image("img")
+    for name in ("bottle-a-bundle", "bottle-b-bundle"):
+        slug = name.split("-")[1]
+        client.containers.create("img", name=name, labels=labels(slug, "docker", owner) | {"bottle.role": "bundle"})
+    gone = next(i for i, c in client.engine.containers.items() if c["Name"] == "/bottle-a-bundle")
+    real_inspect = client.api.inspect_container
+
+    def inspect_after_removal(ref, *args, **kwargs):
+        if ref == gone:
+            client.engine.containers.pop(gone, None)  # removed between the list and the inspect
+        return real_inspect(ref, *args, **kwargs)
+
+    mocker.patch.object(client.api, "inspect_container", side_effect=inspect_after_removal)
+    found = sidecar.survey_bottles(client, state, "docker", DockerBottlePlan)
+    assert found.parts == {"b": {"bundle": "created"}}
