@@ -230,6 +230,10 @@ class KubernetesConfig(_Strict):
     namespace: KubernetesName | None = None
     # A RuntimeClass for the agent's Pod (a gVisor or Kata one); None: the cluster's default runtime.
     runtime_class: KubernetesName | None = None
+    # Run the agent's Pod in a user namespace of its own (hostUsers: false), so root in it, or an escape
+    # from it, is nobody on the node. Needs Kubernetes 1.33+ (or the feature gate) and a runtime and kernel
+    # that support it; a cluster without them does not start the Pod.
+    user_namespaces: bool = False
     # The agent's numeric "uid:gid"; never root (the Pod also says runAsNonRoot).
     user: str = Field(default="65534:65534", pattern=r"^[0-9]{1,10}:[0-9]{1,10}$")
     requests: dict[ResourceName, Quantity] = Field(default_factory=lambda: {"cpu": "250m", "memory": "512Mi"})

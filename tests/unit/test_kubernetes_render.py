@@ -47,7 +47,8 @@ def test_the_schema_list_is_not_empty():
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("settings", [{}, {"runtime_class": "gvisor", "namespace": "agents", "user": "1000:1000"}])
+@pytest.mark.parametrize("settings", [{}, {"runtime_class": "gvisor", "namespace": "agents", "user": "1000:1000",
+                                           "user_namespaces": True}])
 def test_every_object_is_valid_for_current_kubernetes_releases(version, settings):
     for obj in objects(**settings).values():
         kubernetes_validate.validate(obj, version, strict=True)  # raises on an unknown or wrong field
@@ -114,6 +115,11 @@ def test_the_agent_pod_has_nothing_of_the_node_and_no_way_to_the_api():
         {"name": "ca", "configMap": {"name": "bottle-demo-ca", "defaultMode": 0o444, "items": [{"key": "ca.pem", "path": "ca.pem"}]}}
     ]  # fmt: skip
     assert all(v["emptyDir"].get("sizeLimit") for v in spec["volumes"] if "emptyDir" in v)
+
+
+def test_user_namespaces_are_asked_for_only_when_the_manifest_does():
+    assert "hostUsers" not in objects()[("Pod", "bottle-demo-agent")]["spec"]
+    assert objects(user_namespaces=True)[("Pod", "bottle-demo-agent")]["spec"]["hostUsers"] is False
 
 
 def test_only_the_bundle_mounts_the_secret_and_no_value_is_in_the_plan(monkeypatch):

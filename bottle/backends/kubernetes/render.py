@@ -254,4 +254,6 @@ def agent_pod(manifest: Manifest, metadata: dict[str, Any], ca_config_map: str, 
     }  # fmt: skip
     if config.runtime_class is not None:
         spec["runtimeClassName"] = config.runtime_class
+    if config.user_namespaces:
+        spec["hostUsers"] = False
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
