@@ -5,7 +5,7 @@
     NetworkPolicy  <name>-agent: the agent sends only to its bundle's Pod on 8888, receives nothing
     NetworkPolicy  <name>-bundle: the bundle receives only from its agent on 8888; sends to the internet
                    (never to the cluster's ranges or metadata addresses) and to the cluster's DNS
-    Secret         <name>-bundle: the bundle's CA (key and certificate) and the credentials
+    Secret         <name>-bundle-keys: the bundle's CA (key and certificate) and the credentials
     ConfigMap      <name>-ca: the CA's certificate alone, for the agent
     Service        <name>-bundle: ClusterIP, port 8888, to the bundle's Pod
     Pod            <name>-agent: the agent, its proxy the Service's ClusterIP (an IP literal, no DNS)
@@ -13,7 +13,8 @@
     Pod            <name>-bundle: the proxy, config and CA mounted read-only; it serves the agent's Pod IP alone
 
 where <name> is bottle-<slug>. Every object carries the bottle's labels (`bottle.backend.labels`) and a
-role, which is how `down`, `ls` and `gc` find it again.
+role, which is how `ls` and `gc` find it; what makes it the bottle's own is the uid bottle recorded when
+it made it (bottle.backends.kubernetes.made).
 """
 
 from __future__ import annotations
