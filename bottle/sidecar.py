@@ -484,6 +484,28 @@ def step(name: str, action: Callable[[], Any]) -> Any:
 # -- down and ls ------------------------------------------------------------------------------------------
 
 
+def removes_state(state: StateStore, slug: str, backend: str) -> bool:
+    """Whether `backend`'s `down` removes the bottle's state directory: its plan is this backend's, or it has
+    none, or one that cannot be read (whichever backend gets there removes that)."""
+    try:
+        return (state.read_plan_data(slug) or {}).get("backend", backend) == backend
+    except StateError:
+        return True
+
+
+def saved_plans(state: StateStore, backend: str, plan_type: type[BaseModel]) -> dict[str, Any]:
+    """slug -> `backend`'s plan on disk, for every bottle of this backend; None for one that cannot be read."""
+    plans: dict[str, Any] = {}
+    for slug in state.slugs():
+        try:
+            data = state.read_plan_data(slug)
+            if data and data.get("backend") == backend:
+                plans[slug] = plan_type.model_validate(data)
+        except (StateError, ValidationError):
+            plans[slug] = None
+    return plans
+
+
 def down(
     slug: str, client: docker.DockerClient, state: StateStore, backend: str,
     before: Sequence[tuple[str, Callable[[list[str]], None]]] = (),
@@ -510,11 +532,7 @@ def down(
             done.append(f"network {network.name}")
 
     def files(done: list[str]) -> None:
-        try:
-            made_by = (state.read_plan_data(slug) or {}).get("backend", backend)
-        except StateError:
-            made_by = backend  # a plan that cannot be read is removed by whichever backend gets there
-        if made_by != backend:
+        if not removes_state(state, slug, backend):
             return  # another backend's bottle: its own `down` removes its state
         if failed:  # keep what proves the rest is ours, so that `bottle down` can try again
             failed.append(f"state: kept {state.bottle_dir(slug)} until the rest is removed")
@@ -595,13 +613,7 @@ def survey_bottles(client: docker.DockerClient, state: StateStore, backend: str,
             found.add(slug, f"{role}-network" if role else "network", "present")
         else:
             found.add(slug, resource_labels.get(LABEL_ROLE) or "container", resource.status)
-    for slug in state.slugs():
-        try:
-            data = state.read_plan_data(slug)
-            if data and data.get("backend") == backend:
-                found.plans[slug] = plan_type.model_validate(data)
-        except (StateError, ValidationError):
-            found.plans[slug] = None
+    found.plans = saved_plans(state, backend, plan_type)
     return found
 
 

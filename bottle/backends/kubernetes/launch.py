@@ -383,10 +383,6 @@ def _objects(cluster: Cluster, selector: str, namespaces: list[str]) -> list[dic
 def down(slug: str, state: StateStore) -> list[str]:
     """Delete every object bottle made for the bottle (by the uids on record), Pods first, policies once the
     Pods are gone, the Namespace last; then its state, kept while anything could not be deleted."""
-    try:
-        made_by = (state.read_plan_data(slug) or {}).get("backend")
-    except StateError:
-        made_by = BACKEND  # a plan that cannot be read is removed by whichever backend gets there
     entries = sorted(made.load(state, slug), key=lambda entry: DELETE_ORDER.index(entry.kind))
     removed: list[str] = []
     failed: list[str] = []
@@ -407,7 +403,7 @@ def down(slug: str, state: StateStore) -> list[str]:
         done = f" (removed: {', '.join(removed)})" if removed else ""
         raise BottleError(f"could not remove all of bottle '{slug}': {'; '.join(failed)}; kept its state until the "
                           f"rest is removed{done}")  # fmt: skip
-    if made_by == BACKEND and (path := state.remove_bottle(slug)) is not None:
+    if sidecar.removes_state(state, slug, BACKEND) and (path := state.remove_bottle(slug)) is not None:
         removed.append(f"state {path}")
     return removed
 
@@ -424,14 +420,7 @@ def part_status(item: dict[str, Any]) -> str:
 def inventory(state: StateStore) -> list[BottleStatus]:
     """Every kubernetes bottle this state root knows of, by its plan on disk or its objects on record; and
     every object that carries bottle's labels but is not on record, as foreign."""
-    found = sidecar.Found()
-    for slug in state.slugs():
-        try:
-            data = state.read_plan_data(slug)
-            if data and data.get("backend") == BACKEND:
-                found.plans[slug] = KubernetesBottlePlan.model_validate(data)
-        except (StateError, ValueError):
-            found.plans[slug] = None
+    found = sidecar.Found(plans=sidecar.saved_plans(state, BACKEND, KubernetesBottlePlan))
     recorded = {slug: made.load(state, slug) for slug in made.slugs(state)}
     ours = {entry.uid: slug for slug, entries in recorded.items() for entry in entries}
     places: dict[str, set[str]] = {}
