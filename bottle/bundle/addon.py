@@ -300,11 +300,20 @@ class BottlePolicy:
                 host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
                 self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
                           reason=self._safe(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
-        elif data.client.id in self._tunnels:
-            # mitmproxy keeps a failed connection and answers every later request for its address with its
-            # error. A tunnel's requests name the checked address, so one failure would stick for the life of
-            # the tunnel (an HTTP/2 client's above all); with no address, the next request connects anew.
-            data.server.address = None
+        else:
+            self._forget_failed(data.client.id, data.server)
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.error:  # its TLS handshake failed, say: it is closed by now
+            self._forget_failed(data.client.id, data.server)
+
+    def _forget_failed(self, client_id: str, server: connection.Server) -> None:
+        """mitmproxy keeps a connection whose connect or TLS handshake failed, and answers every later request
+        for its address with that error. A tunnel's requests name the checked address, so one failure would
+        stick for the life of the tunnel (an HTTP/2 client's above all); with no address, the next request
+        connects, and is checked, anew."""
+        if client_id in self._tunnels and client_id not in self._passthrough:
+            server.address = None
 
     def client_connected(self, client: connection.Client) -> None:
         clients = self.policy.config.clients

@@ -538,16 +538,16 @@ def test_an_h2c_upgrade_is_stripped_before_the_upstream(world):
 class H2Tunnel:
     """An HTTP/2 connection through a tunnel, kept open for one request after another."""
 
-    def __init__(self, world, host):
+    def __init__(self, world, host, port):
         import h2.config  # h2 is a dependency of mitmproxy
         import h2.connection
 
-        self.sock = tunnel(world, host, world["closed"], alpn=["h2"])
+        self.sock = tunnel(world, host, port, alpn=["h2"])
         assert self.sock.selected_alpn_protocol() == "h2"
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.sock.sendall(self.conn.data_to_send())
-        self.authority = f"{host}:{world['closed']}"
+        self.authority = f"{host}:{port}"
 
     def get(self) -> int:
         import h2.events
@@ -572,7 +572,7 @@ def test_a_failed_upstream_connect_does_not_stick_to_a_kept_alive_http2_tunnel(w
     """Found by a red team of upstream connection reuse: mitmproxy answered every later request for the
     failed connection's address with its error, for as long as the client kept its HTTP/2 connection."""
     monkeypatch.setattr("bottle.bundle.addon.DECISION_TTL", 0)
-    client = H2Tunnel(world, "flip.test")  # to the port where nothing listens, yet
+    client = H2Tunnel(world, "flip.test", world["closed"])  # to the port where nothing listens, yet
     try:
         assert client.get() == 502
         before = len(world["audit"])
@@ -582,6 +582,29 @@ def test_a_failed_upstream_connect_does_not_stick_to_a_kept_alive_http2_tunnel(w
         assert [(e["host"], e["status"]) for e in world["audit"][before:]] == [("flip.test", 200)]
     finally:
         client.sock.close()
+
+
+def test_a_failed_upstream_tls_handshake_does_not_stick_to_a_kept_alive_http2_tunnel(world, monkeypatch):
+    """As above, for an upstream whose TLS fails (found by a red team of that fix): each request connects,
+    and is checked, anew."""
+    from bottle.bundle.addon import BottlePolicy
+
+    connects, real_connect = [], BottlePolicy.server_connect
+
+    async def counted(self, data):
+        connects.append(data.server.address)
+        await real_connect(self, data)
+
+    monkeypatch.setattr(BottlePolicy, "server_connect", counted)
+    before = len(world["audit"])
+    client = H2Tunnel(world, "untrusted.test", world["untrusted"])
+    try:
+        assert [client.get() for _ in range(3)] == [502] * 3
+    finally:
+        client.sock.close()
+    assert len(connects) == 3  # one connect, and one decision, for each request
+    assert [(e["host"], e["decision"]) for e in world["audit"][before:]] == [("untrusted.test", "allow")] + [
+        ("untrusted.test", "error")] * 3  # fmt: skip
 
 
 def test_plain_requests_to_a_server_that_keeps_connections_open_never_pile_up(world):
