@@ -75,8 +75,9 @@ def proxy_addons() -> list[object]:
       Core        validates options as they are set (a bad one stops the bundle rather than being ignored)
       Block       block_global: a client from a public address is refused, so the bundle is no open proxy
       DisableH2C  strips h2c upgrades and kills HTTP/2 prior-knowledge requests the proxy cannot parse
-      Proxyserver the listener, and the options the proxy layers read: connection_strategy,
-                  body_size_limit, stream_large_bodies, validate_inbound_headers, ...
+      Proxyserver the connections the front door hands it (bottle.bundle.front owns the port), and the
+                  options the proxy layers read: connection_strategy, body_size_limit,
+                  stream_large_bodies, validate_inbound_headers, ...
       NextLayer   picks each connection's layers: ignore_connection (passthrough), rawtcp (off), HTTP
       TlsConfig   the bundle's CA for the agent's side, and upstream verification (ssl_insecure,
                   ssl_verify_upstream_trusted_ca) with the server name the policy sets
@@ -105,6 +106,9 @@ async def serve(
     """
     from mitmproxy import options
     from mitmproxy.master import Master
+    from mitmproxy.proxy.mode_servers import ServerInstance
+
+    from bottle.bundle.front import Front
 
     with tempfile.TemporaryDirectory(prefix="bottle-bundle-") as confdir:
         shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
@@ -113,15 +117,24 @@ async def serve(
         master.addons.add(*proxy_addons())
         # rawtcp off: inside a tunnel, anything that is not TLS is parsed as HTTP and meets the policy,
         # never relayed as raw bytes past it.
+        # server off: mitmproxy listens on nothing; the front door owns the port and hands it connections.
         master.options.update(connection_strategy="lazy", termlog_verbosity="warn", ssl_insecure=False, rawtcp=False,
-                              body_size_limit=BODY_SIZE_LIMIT)  # fmt: skip
+                              body_size_limit=BODY_SIZE_LIMIT, server=False)  # fmt: skip
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
-        master.addons.add(BottlePolicy(Policy(config, resolver), secrets, audit))
+        policy = BottlePolicy(Policy(config, resolver), secrets, audit)
+        master.addons.add(policy)
+        front = Front(policy, ServerInstance.make("regular", master.addons.get("proxyserver")))
         dns = await listen_dns(listen_host, config.dns_port, audit, clients=config.clients)
+        try:
+            proxy = await asyncio.start_server(front.handle, listen_host, config.port)
+        except OSError:
+            dns.close()
+            raise
         try:
             await master.run()
         finally:
+            proxy.close()
             dns.close()
 
 

@@ -56,6 +56,14 @@ def _name(host: str) -> str:
     return host.lower().rstrip(".")
 
 
+def _peer(peername: Any) -> IPAddress | None:
+    """The address of a connection's peer (an IPv4-mapped IPv6 one as IPv4), if it has one."""
+    if not peername:
+        return None
+    peer = ip_address(peername[0].split("%")[0])
+    return getattr(peer, "ipv4_mapped", None) or peer
+
+
 def _authority(value: str) -> tuple[str, int | None] | None:
     """(host, port) of a Host header or authority, or None if it does not parse as one."""
     try:
@@ -103,8 +111,10 @@ class BottlePolicy:
         try:
             found = await asyncio.wait_for(asyncio.shield(pending), self.dns_timeout)
         except asyncio.TimeoutError:
-            return Decision(False, "dns", f"{key[0]} did not resolve within {self.dns_timeout:g} s")
-        decision = self.policy.decide(*key, found)
+            # Remembered like any other decision, so a request that asks again is refused at once.
+            decision = Decision(False, "dns", f"{key[0]} did not resolve within {self.dns_timeout:g} s")
+        else:
+            decision = self.policy.decide(*key, found)
         self._decisions[key] = (time.monotonic(), decision)
         if len(self._decisions) > 4096:  # drop the stale ones now and then
             now = time.monotonic()
@@ -315,12 +325,19 @@ class BottlePolicy:
         if client_id in self._tunnels and client_id not in self._passthrough:
             server.address = None
 
-    def client_connected(self, client: connection.Client) -> None:
+    def is_agent(self, peer: IPAddress | None) -> bool:
+        """Whether a client at `peer` may use the proxy: the agent's address, or any with none configured."""
         clients = self.policy.config.clients
-        peer = ip_address(client.peername[0].split("%")[0]) if client.peername else None
-        if getattr(peer, "ipv4_mapped", None) is not None:
-            peer = peer.ipv4_mapped  # type: ignore[union-attr]
-        if not clients or (peer is not None and any(peer in network for network in clients)):
+        return not clients or (peer is not None and any(peer in network for network in clients))
+
+    def admits(self, peername: Any) -> bool:
+        """Whether a client at `peername` gets past both mitmproxy's Block (block_global) and `client_connected`."""
+        peer = _peer(peername)
+        return peer is not None and (peer.is_loopback or not peer.is_global) and self.is_agent(peer)
+
+    def client_connected(self, client: connection.Client) -> None:
+        peer = _peer(client.peername)
+        if self.is_agent(peer):
             return
         client.error = "bottle: refused: not the agent's address"
         self._log(None, None, event="client", decision="refused", client=str(peer),

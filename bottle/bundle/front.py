@@ -1,0 +1,203 @@
+"""The proxy's front door: every connection to the bundle's proxy port arrives here first.
+
+One kind of connection is carried here to the end: a CONNECT to a passthrough host (a rule with
+`intercept = false`) that the policy allows and whose TLS ClientHello names that same host. It is
+relayed as bytes by the event loop's own transports, to exactly the address the policy checked;
+nothing of mitmproxy's HTTP, TLS or hook machinery runs for it, and that machinery was most of what a
+passthrough tunnel cost (benchmarks/proxy.py).
+
+Everything else goes to mitmproxy as it arrived, byte for byte, and meets the whole policy there: a plain
+request, an intercepted tunnel, a refused one, a tunnel whose server name differs or that does not carry
+TLS, a client that is not the agent, anything that does not parse the simple way. The decision is the
+same in both places (BottlePolicy.decide, its checked address and its cache) and so is the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from mitmproxy.proxy.layers.tls import parse_client_hello
+from mitmproxy.proxy.mode_servers import ServerInstance
+
+from bottle.bundle.addon import DNS_PORTS, BottlePolicy, _authority, _name
+from bottle.bundle.policy import Decision
+
+HELLO_LIMIT = 65536  # bytes a ClientHello may take before the connection goes to mitmproxy instead
+IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing either way before it is closed (mitmproxy's own)
+_CHUNK = 65536
+_HEADER = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*")  # a header line as the fast path takes it
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+
+
+def connect_target(head: bytes) -> tuple[str, int, bytes] | None:
+    """(host, port, HTTP version) of a CONNECT request head (without its blank line), or None if it is
+    anything else, or anything less plain than a CONNECT needs to be."""
+    request_line, *headers = head.split(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in _VERSIONS:
+        return None
+    if not all(_HEADER.fullmatch(line) for line in headers):
+        return None
+    if any(line.split(b":", 1)[0].lower() in (b"content-length", b"transfer-encoding") for line in headers):
+        return None  # a CONNECT with a body is mitmproxy's to judge
+    try:
+        named = _authority(parts[1].decode("ascii"))
+    except UnicodeDecodeError:
+        return None
+    if named is None or named[1] is None:
+        return None
+    return named[0], named[1], parts[2]
+
+
+async def _read(reader: asyncio.StreamReader) -> bytes:
+    """The next bytes from the agent; none if it closes, or sends nothing for IDLE_TIMEOUT seconds."""
+    try:
+        return await asyncio.wait_for(reader.read(_CHUNK), IDLE_TIMEOUT)
+    except asyncio.TimeoutError:
+        return b""
+
+
+async def _client_hello(reader: asyncio.StreamReader, read: bytes) -> tuple[bytes | None, str | None]:
+    """The agent's first bytes in a tunnel, read until they hold a whole TLS ClientHello, and the server name
+    it asks for (None if they are not TLS or name no server); (None, None) if the agent leaves first."""
+    while True:
+        try:
+            hello = parse_client_hello(read)
+        except ValueError:
+            return read, None
+        if hello is not None or len(read) > HELLO_LIMIT:
+            return read, _name(hello.sni) if hello is not None and hello.sni else None
+        more = await _read(reader)
+        if not more:
+            return None, None
+        read += more
+
+
+class _Replay:
+    """A reader that gives back what the front door read first, then reads on."""
+
+    def __init__(self, read: bytes, reader: asyncio.StreamReader):
+        self._read, self._reader = read, reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._read:
+            data, self._read = self._read, b""
+            return data
+        return await self._reader.read(n)
+
+
+class _Answered:
+    """A writer for a connection whose CONNECT the front door already answered: mitmproxy's answer to the
+    same CONNECT (which the agent must not see twice) is dropped. Should mitmproxy answer otherwise, it
+    refused what the front door had allowed a moment before, and the connection is closed."""
+
+    def __init__(self, writer: asyncio.StreamWriter, answer: bytes):
+        self._writer, self._answer = writer, answer
+
+    def write(self, data: bytes) -> None:
+        if self._answer:
+            n = min(len(data), len(self._answer))
+            if data[:n] != self._answer[:n]:
+                self._writer.close()
+                return
+            self._answer, data = self._answer[n:], data[n:]
+        if data:
+            self._writer.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
+class Front:
+    """Serves the proxy port: passthrough tunnels here, everything else through `mitmproxy`."""
+
+    def __init__(self, addon: BottlePolicy, mitmproxy: ServerInstance):
+        self.addon = addon
+        self.mitmproxy = mitmproxy
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            read = await _read(reader)
+            tunnel = self._passthrough(read, writer.get_extra_info("peername"))
+            decision = await self.addon.decide(tunnel[0], tunnel[1]) if tunnel else None
+            if tunnel is None or decision is None or not decision.allowed:  # refused there, by the same decision
+                return await self.mitmproxy.handle_stream(_Replay(read, reader), writer)
+            host, port, version, head = tunnel
+            answer = version + b" 200 Connection established\r\n\r\n"
+            writer.write(answer)
+            hello, sni = await _client_hello(reader, read[head:])
+            if hello is None:  # the agent left, or idled, without a ClientHello: the tunnel it got is logged
+                self._log_tunnel(host, port, decision)
+            elif sni != host:  # not TLS, or TLS for another name: mitmproxy intercepts it and answers with 403s
+                await self.mitmproxy.handle_stream(_Replay(read[:head] + hello, reader), _Answered(writer, answer))
+            else:
+                self._log_tunnel(host, port, decision)
+                await self._relay(reader, writer, host, port, hello)
+        except OSError:
+            pass  # the agent's connection broke; what was granted is logged already
+        finally:
+            writer.close()
+
+    def _passthrough(self, read: bytes, peername: Any) -> tuple[str, int, bytes, int] | None:
+        """(host, port, version, length of the head) if `read` starts with a CONNECT from the agent to a host whose
+        rule passes it through, on a port the rule allows: the only connections the front door carries itself."""
+        head, blank, _ = read.partition(b"\r\n\r\n")
+        target = connect_target(head) if blank else None
+        if target is None or not self.addon.admits(peername):
+            return None
+        host, port, version = target
+        rule = self.addon.policy.rule_for(host)
+        if rule is None or rule.intercept or port not in rule.ports or port in DNS_PORTS:
+            return None
+        return host, port, version, len(head) + len(blank)
+
+    def _log_tunnel(self, host: str, port: int, outcome: Decision | None, **fields: Any) -> None:
+        """The tunnel's audit line, as BottlePolicy.http_connect writes it (or, with `fields`, its failure's)."""
+        fields = fields or {"status": 200, "bytes_out": None, "bytes_in": None}
+        self.addon._log(None, outcome, method="CONNECT", host=host, port=port, path="", **fields)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
+                     hello: bytes) -> None:  # fmt: skip
+        """Connect to the address the policy checks for host:port now, send it the ClientHello, and relay."""
+        decision = await self.addon.decide(host, port)  # the same one as a moment ago, unless its time ran out
+        if not decision.allowed:
+            self._log_tunnel(host, port, decision, status=None, bytes_out=0, bytes_in=0)
+            return
+        try:
+            upstream_reader, upstream = await asyncio.open_connection(str(decision.address), port)
+        except OSError as exc:
+            self._log_tunnel(host, port, None, decision="error", rule=decision.rule, reason=self.addon._safe(exc),
+                             status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+            return
+        loop = asyncio.get_running_loop()
+        last = [loop.time()]
+
+        def watch() -> None:
+            idle = loop.time() - last[0]
+            if idle >= IDLE_TIMEOUT:
+                writer.close()
+                upstream.close()
+            else:
+                timer[0] = loop.call_later(IDLE_TIMEOUT - idle, watch)
+
+        timer = [loop.call_later(IDLE_TIMEOUT, watch)]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(_CHUNK):
+                    sink.write(data)
+                    last[0] = loop.time()
+                    await sink.drain()
+                if sink.can_write_eof():
+                    sink.write_eof()
+            except OSError:
+                sink.close()
+
+        try:
+            upstream.write(hello)
+            await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer))
+        finally:
+            timer[0].cancel()
+            upstream.close()
