@@ -17,6 +17,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 from docker.types import IPAMConfig, IPAMPool
 
+from bottle.bundle.addon import DECISION_TTL
 from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.bundle.ca import CA_FILE, create_ca
 from bottle.bundle.policy import BundleConfig, Credential, Rule
@@ -49,7 +50,7 @@ def world(upstream_net, tmp_path_factory):
     (workdir / CA_FILE).write_bytes(key + cert)
     (workdir / "bundle-ca.pem").write_bytes(cert)
     audit: list[dict] = []
-    with echo_server(gateway, tls_names=["upstream.test", "other.test", "flip.test"], workdir=workdir,
+    with echo_server(gateway, tls_names=["upstream.test", "other.test", "flip.test", "pass.test"], workdir=workdir,
                      keep_alive=True) as tls_up, \
          echo_server(gateway) as plain_up, \
          echo_server(gateway, keep_alive=True) as plain_kept, \
@@ -94,7 +95,7 @@ def world(upstream_net, tmp_path_factory):
             yield {"proxy": proxy_port, "tls": tls_up["port"], "plain": plain_up["port"], "audit": audit,
                    "table": table, "gateway": gateway, "tls_server": tls_up["server"], "plain_kept": plain_kept["port"],
                    "untrusted": untrusted_up["port"], "closed": closed, "client_ca": workdir / "bundle-ca.pem",
-                   "upstream_ca": tls_up["ca_pair"], "workdir": workdir,
+                   "upstream_ca": tls_up["ca_pair"], "upstream_ca_file": tls_up["ca"], "workdir": workdir,
                    "dns": config.dns_port}  # fmt: skip
 
 
@@ -482,6 +483,126 @@ def test_a_passthrough_tunnel_to_a_closed_port_gets_its_failure_logged(world):
         time.sleep(0.05)
     decisions = [(e["method"], e["decision"]) for e in world["audit"][before:]]
     assert decisions == [("CONNECT", "allow"), ("CONNECT", "error")]
+
+
+# -- the front door: allowed passthrough tunnels are relayed outside mitmproxy (bottle.bundle.front) ----------
+
+
+def passthrough_by_hand(world, request: bytes, *, host="pass.test", pipelined=False, piece=0) -> bytes:
+    """A passthrough tunnel whose TLS the test drives by hand (ssl.MemoryBIO), to choose how the ClientHello
+    travels: in the CONNECT's own packet (`pipelined`), or `piece` bytes a packet. The upstream's reply."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    with socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connect = f"CONNECT {host}:{world['tls']} HTTP/1.1\r\nHost: {host}:{world['tls']}\r\n\r\n".encode()
+        raw.sendall(connect + hello if pipelined else connect)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += raw.recv(4096)
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        assert head == b"HTTP/1.1 200 Connection established"
+        if not pipelined:
+            for at in range(0, len(hello), piece or len(hello)):
+                raw.sendall(hello[at : at + (piece or len(hello))])
+                time.sleep(0.005)
+        incoming.write(rest)
+        response, sent = b"", False
+        while True:
+            try:
+                if not sent:
+                    tls.do_handshake()
+                    sent = tls.write(request) > 0
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                if not data:
+                    return response
+                incoming.write(data)
+                continue
+            except ssl.SSLZeroReturnError:
+                return response
+            finally:
+                raw.sendall(outgoing.read())
+            if not chunk:
+                return response
+            response += chunk
+
+
+@pytest.mark.parametrize(("pipelined", "piece"), [(True, 0), (False, 40), (False, 1)])
+def test_a_passthrough_client_hello_is_read_however_it_arrives(world, pipelined, piece):
+    before = len(world["audit"])
+    request = b"GET /echo HTTP/1.1\r\nHost: pass.test\r\nx-api-key: agent-guess\r\nConnection: close\r\n\r\n"
+    response = passthrough_by_hand(world, request, pipelined=pipelined, piece=piece)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["headers"]["x-api-key"] == "agent-guess"  # untouched
+    [entry] = world["audit"][before:]  # the tunnel's one line
+    assert (entry["method"], entry["host"], entry["decision"], entry["status"]) == ("CONNECT", "pass.test", "allow", 200)
+
+
+def test_a_large_upload_crosses_a_passthrough_tunnel_whole(world):
+    size = 8 * 1024 * 1024
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
+    with context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test") as sock:
+        sock.sendall(f"POST /echo HTTP/1.1\r\nHost: pass.test\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+                     .encode())  # fmt: skip
+        sock.sendall(b"x" * size)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["body_bytes"] == size
+
+
+def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_timeout(world, monkeypatch):
+    import bottle.bundle.front
+
+    monkeypatch.setattr(bottle.bundle.front, "IDLE_TIMEOUT", 0.5)
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
+    with context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test") as sock:
+        start = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the bundle, not by the test's 10 s socket timeout
+    assert time.monotonic() - start < 5
+
+
+def test_the_agent_leaving_before_its_client_hello_still_leaves_one_audit_line(world):
+    before = len(world["audit"])
+    tunnel(world, "pass.test", world["tls"], sni=False).close()
+    deadline = time.monotonic() + 5
+    while len(world["audit"]) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    [entry] = world["audit"][before:]
+    assert (entry["method"], entry["host"], entry["decision"]) == ("CONNECT", "pass.test", "allow")
+
+
+def test_a_passthrough_host_that_rebinds_inward_before_its_client_hello_is_never_connected_to(world, monkeypatch):
+    raw = tunnel(world, "pass.test", world["tls"], sni=False)
+    monkeypatch.setitem(world["table"], "pass.test", "127.0.0.1")
+    time.sleep(DECISION_TTL + 0.2)  # the decision the CONNECT got has run out: the connect decides anew
+    before = len(world["audit"])
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
+    with pytest.raises((ssl.SSLError, OSError)):
+        context.wrap_socket(raw, server_hostname="pass.test")
+    raw.close()
+    [granted, refused] = [e for e in world["audit"][before:] if e["host"] == "pass.test"]  # the tunnel, its connect
+    assert (granted["decision"], refused["decision"]) == ("allow", "deny") and "127.0.0.1" in refused["reason"]
+
+
+def test_plain_http_inside_a_passthrough_tunnel_meets_the_policy(world):
+    plain = world["plain"]
+    with tunnel(world, "pass.test", plain, sni=False) as sock:
+        status, body = exchange(sock, f"GET /echo HTTP/1.1\r\nHost: other.test:{plain}\r\nConnection: close\r\n\r\n"
+                                .encode())  # fmt: skip
+    assert status == 403 and b"Host names other.test" in body
+    with tunnel(world, "pass.test", plain, sni=False) as sock:
+        status, body = exchange(sock, f"GET /echo HTTP/1.1\r\nHost: pass.test:{plain}\r\nConnection: close\r\n\r\n"
+                                .encode())  # fmt: skip
+    assert status == 200 and json.loads(body)["path"] == "/echo"
 
 
 # -- DNS: the VM's resolver points at the bundle, which resolves nothing ----------------------------------

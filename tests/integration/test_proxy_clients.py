@@ -19,16 +19,17 @@ def test_only_the_agents_network_may_use_the_proxy(tmp_path):
     key, cert = create_ca("bottle test bundle CA")
     (tmp_path / CA_FILE).write_bytes(key + cert)
     audit: list[dict] = []
-    config = BundleConfig(allow=[Rule(host="upstream.test", ports=[443])], clients=[ip_network("10.99.0.0/16")],
-                          dns_port=free_port(udp=True))  # fmt: skip
+    config = BundleConfig(allow=[Rule(host="upstream.test", ports=[443]), Rule(host="pass.test", intercept=False)],
+                          clients=[ip_network("10.99.0.0/16")], dns_port=free_port(udp=True))  # fmt: skip
     with running_bundle(config, {}, tmp_path / CA_FILE, lambda h, p: [ip_address("10.99.1.1")], audit.append) as port:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(b"CONNECT upstream.test:443 HTTP/1.1\r\nHost: upstream.test:443\r\n\r\n")
-            try:
-                answer = conn.recv(1024)
-            except ConnectionResetError:
-                answer = b""
-        assert answer == b""
+        for host in ("upstream.test", "pass.test"):  # intercepted, and relayed by the front door for the agent
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+                try:
+                    answer = conn.recv(1024)
+                except ConnectionResetError:
+                    answer = b""
+            assert answer == b""
         deadline = time.monotonic() + 5
         while not audit and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -1,0 +1,162 @@
+"""The front door's routing, on loopback: which connections it hands to mitmproxy, and that mitmproxy then
+sees exactly the bytes the agent sent, and the agent exactly one answer to its CONNECT.
+
+mitmproxy is replaced here by a recorder; what the front door carries itself (and so connects upstream)
+is tested against real upstreams in tests/integration/test_proxy.py.
+"""
+
+import asyncio
+import ssl
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from bottle.bundle.addon import BottlePolicy
+from bottle.bundle.front import Front, connect_target
+from bottle.bundle.policy import BundleConfig, Policy, Rule
+
+TABLE = {"pass.example.com": "93.184.216.34", "api.example.com": "93.184.216.35", "inward.example.com": "127.0.0.1"}
+CONNECT = b"CONNECT pass.example.com:443 HTTP/1.1\r\nHost: pass.example.com:443\r\n\r\n"
+OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"CONNECT pass.example.com:443 HTTP/1.1\r\nHost: pass.example.com:443", ("pass.example.com", 443, b"HTTP/1.1")),
+        (b"CONNECT Pass.Example.COM.:443 HTTP/1.0", ("pass.example.com", 443, b"HTTP/1.0")),
+        (b"CONNECT [2001:db8::1]:443 HTTP/1.1", ("2001:db8::1", 443, b"HTTP/1.1")),
+        (b"connect pass.example.com:443 HTTP/1.1", None),  # methods are case-sensitive
+        (b"CONNECT pass.example.com HTTP/1.1", None),  # no port
+        (b"CONNECT pass.example.com:443 HTTP/2.0", None),
+        (b"CONNECT  pass.example.com:443 HTTP/1.1", None),
+        (b"CONNECT https://pass.example.com:443/ HTTP/1.1", None),
+        (b"CONNECT pass.example.com:443 HTTP/1.1\r\nHost : x", None),
+        (b"CONNECT pass.example.com:443 HTTP/1.1\r\nX-A: 1\r\n folded", None),
+        (b"CONNECT pass.example.com:443 HTTP/1.1\r\nX-A: \x00", None),
+        (b"CONNECT pass.example.com:443 HTTP/1.1\r\nContent-Length: 5", None),
+        (b"CONNECT pass.example.com:443 HTTP/1.1\r\nTransfer-Encoding: chunked", None),
+        (b"CONNECT p\xc3\xa4ss.example.com:443 HTTP/1.1", None),
+        (b"CONNECT pass.example.com:99999 HTTP/1.1", None),
+        (b"GET http://pass.example.com/ HTTP/1.1", None),
+    ],
+)
+def test_only_a_plain_connect_head_is_read_as_one(head, expected):
+    assert connect_target(head) == expected
+
+
+class Recorder:
+    """Stands in for mitmproxy's server instance: reads a handed-off connection to its end, then answers."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        self.received: list[bytes] = []
+
+    async def handle_stream(self, reader, writer) -> None:
+        data = b""
+        while chunk := await reader.read(65536):
+            data += chunk
+        self.received.append(data)
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+
+def client_hello(server_name: str | None) -> bytes:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = ssl.create_default_context()
+    if server_name is None:
+        context.check_hostname = False
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def through_front(packets: list[bytes], *, answer: bytes = b"", clients=(), wait_for_answer=False):
+    """Send `packets` to a front door on loopback (pausing between them), half-close, and read everything back.
+
+    Returns (what the agent received, what the recorder received per handed-off connection, the audit log).
+    With `wait_for_answer`, the second packet goes only after the front door answered the first.
+    """
+    config = BundleConfig(
+        allow=[Rule(host="pass.example.com", ports=[443], intercept=False), Rule(host="api.example.com"),
+               Rule(host="inward.example.com", intercept=False)],
+        clients=list(clients),
+    )  # fmt: skip
+    audit: list[dict] = []
+    addon = BottlePolicy(Policy(config, lambda host, port: [ip_address(TABLE[host])]), {}, audit.append)
+    recorder = Recorder(answer)
+
+    async def main() -> bytes:
+        server = await asyncio.start_server(Front(addon, recorder).handle, "127.0.0.1", 0)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            received = b""
+            for index, packet in enumerate(packets):
+                writer.write(packet)
+                await writer.drain()
+                if index == 0 and wait_for_answer:
+                    received += await reader.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(0.05)
+            writer.write_eof()
+            received += await reader.read()
+            writer.close()
+            return received
+
+    received = asyncio.run(main())
+    return received, recorder.received, audit
+
+
+@pytest.mark.parametrize(
+    "packets",
+    [
+        [b"GET http://pass.example.com/ HTTP/1.1\r\nHost: pass.example.com\r\n\r\n"],
+        [b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n"],  # intercepted: mitmproxy's
+        [b"CONNECT pass.example.com:8443 HTTP/1.1\r\n\r\n"],  # a port the rule does not allow
+        [b"CONNECT inward.example.com:443 HTTP/1.1\r\n\r\n"],  # refused by its address
+        [b"CONNECT pass.example.com:53 HTTP/1.1\r\n\r\n"],
+        [b"CONNECT pass.exam", b"ple.com:443 HTTP/1.1\r\n\r\n"],  # a head split across packets
+        [b"CONNECT pass.example.com:443 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"],
+        [b"\x16\x03\x01\x02\x00"],
+        [],
+    ],
+)
+def test_whatever_the_front_door_does_not_carry_reaches_mitmproxy_byte_for_byte(packets):
+    received, handed, audit = through_front(packets, answer=b"mitmproxy's answer")
+    assert handed == [b"".join(packets)] and received == b"mitmproxy's answer" and audit == []
+
+
+def test_a_passthrough_connect_from_anyone_but_the_agent_reaches_mitmproxy(tmp_path):
+    received, handed, _ = through_front([CONNECT], answer=b"", clients=[ip_network("10.99.0.0/16")])
+    assert handed == [CONNECT] and received == b""  # mitmproxy refuses it (tests/integration/test_proxy_clients.py)
+
+
+@pytest.mark.parametrize("inside", [client_hello("other.example.com"), client_hello(None),
+                                    b"GET / HTTP/1.1\r\nHost: pass.example.com\r\n\r\n"])  # fmt: skip
+def test_a_passthrough_tunnel_with_another_server_name_or_no_tls_is_intercepted_and_answered_once(inside):
+    # mitmproxy answers the CONNECT it is replayed, then (here) refuses the request inside: the agent sees
+    # the front door's 200 once, then mitmproxy's 403, and mitmproxy saw the agent's bytes from the start.
+    refusal = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n"
+    received, handed, audit = through_front([CONNECT, inside], answer=OK + refusal, wait_for_answer=True)
+    assert received == OK + refusal and handed == [CONNECT + inside] and audit == []
+
+
+def test_when_mitmproxy_refuses_a_tunnel_the_front_door_answered_the_agent_is_cut_off():
+    received, handed, _ = through_front([CONNECT, client_hello("other.example.com")],
+                                        answer=b"HTTP/1.1 403 Forbidden\r\n\r\n", wait_for_answer=True)  # fmt: skip
+    assert received == OK and len(handed) == 1
+
+
+def test_a_client_hello_that_never_completes_is_handed_over_once_it_is_too_long():
+    record = b"\x16\x03\x01\xff\xff" + b"\x01" * 70000  # announces more than it ever sends
+    received, handed, _ = through_front([CONNECT, record], answer=b"", wait_for_answer=True)
+    assert received == OK and handed == [CONNECT + record]
+
+
+def test_an_agent_that_leaves_before_its_client_hello_gets_its_tunnel_logged_once():
+    received, handed, audit = through_front([CONNECT], wait_for_answer=True)
+    assert received == OK and handed == []
+    assert [(e["method"], e["host"], e["decision"], e["status"]) for e in audit] == [
+        ("CONNECT", "pass.example.com", "allow", 200)
+    ]
