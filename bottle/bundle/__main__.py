@@ -8,13 +8,14 @@ with a partial or permissive policy.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,7 @@ async def serve(
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         policy = BottlePolicy(Policy(config, resolver), secrets, audit)
         master.addons.add(policy)
+        dispatch_once(master)
         front = Front(policy, ServerInstance.make("regular", master.addons.get("proxyserver")))
         dns = await listen_dns(listen_host, config.dns_port, audit, clients=config.clients)
         try:
@@ -136,6 +138,39 @@ async def serve(
         finally:
             proxy.close()
             dns.close()
+
+
+def dispatch_once(master: Any) -> None:
+    """Give `master` a hook dispatch that finds each hook's handlers once, instead of on every event.
+
+    mitmproxy's AddonManager walks every addon (and its children) with getattr on every event, and most
+    events (an UpdateHook after each flow hook, for one) have no handler at all: some 25 events per
+    intercepted request, each through eight addons. The addons are fixed once the bundle runs, so the
+    handlers per hook name are looked up on first use and kept; each still runs under mitmproxy's
+    safecall, in chain order, so an addon's error is logged as before and AddonHalt still stops the rest.
+    """
+    from mitmproxy import addonmanager, exceptions
+
+    addons = master.addons
+    handlers: dict[str, list[Callable[..., Any]]] = {}
+
+    async def trigger_event(event: Any) -> None:
+        found = handlers.get(event.name)
+        if found is None:
+            found = handlers[event.name] = [f for addon in addons.chain for _, f in addons._iter_hooks(addon, event)]
+        if not found:
+            return
+        args = event.args()
+        for handler in found:
+            try:
+                with addonmanager.safecall():
+                    result = handler(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except exceptions.AddonHalt:
+                return
+
+    addons.trigger_event = trigger_event
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

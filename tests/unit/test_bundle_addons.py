@@ -39,3 +39,35 @@ def test_a_client_from_a_public_address_is_refused():
         return client.error
 
     assert asyncio.run(connect())
+
+
+def test_the_hook_dispatch_keeps_mitmproxys_order_error_handling_and_halt():
+    from mitmproxy import exceptions, hooks
+
+    from bottle.bundle.__main__ import dispatch_once
+
+    calls: list[str] = []
+
+    class Recording:
+        def __init__(self, name: str, fail: bool = False, halt: bool = False):
+            self.name, self.fail, self.halt = name, fail, halt
+
+        async def running(self) -> None:
+            calls.append(self.name)
+            if self.fail:
+                raise RuntimeError("an addon's bug")
+            if self.halt:
+                raise exceptions.AddonHalt
+
+    class Silent:
+        pass  # no handler for the hook: skipped
+
+    async def run() -> None:
+        master = Master(options.Options(), with_termlog=False)
+        master.addons.add(Recording("first", fail=True), Silent(), Recording("second", halt=True), Recording("third"))
+        dispatch_once(master)
+        for _ in range(2):  # the second time from the table made the first time
+            await master.addons.trigger_event(hooks.RunningHook())
+
+    asyncio.run(run())
+    assert calls == ["first", "second"] * 2  # the error is logged and the rest run; AddonHalt stops them
