@@ -8,7 +8,7 @@ the upstream on; no container is started). All traffic stays on this machine.
 Modes, each request on a fresh connection (CONNECT, TLS handshake(s), one GET):
   direct       client -> upstream (TLS)
   tinyproxy    client -> tinyproxy CONNECT tunnel -> upstream (TLS end to end)
-  passthrough  client -> bundle CONNECT tunnel (rule with intercept = false) -> upstream
+  passthrough  client -> bundle CONNECT tunnel (rule with intercept = false; relayed by the front door) -> upstream
   intercepted  client -> bundle (TLS with the bottle CA) -> bundle -> upstream (TLS), policy applied
 
 Then a concurrency figure: 64 clients at once through the bundle (passthrough, one request a second
