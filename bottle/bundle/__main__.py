@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ async def serve(
     from mitmproxy.master import Master
     from mitmproxy.proxy.mode_servers import ServerInstance
 
-    from bottle.bundle.front import Front
+    from bottle.bundle.front import Front, Mitmproxy
 
     with tempfile.TemporaryDirectory(prefix="bottle-bundle-") as confdir:
         shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
@@ -126,7 +126,7 @@ async def serve(
         policy = BottlePolicy(Policy(config, resolver), secrets, audit)
         master.addons.add(policy)
         dispatch_once(master)
-        front = Front(policy, ServerInstance.make("regular", master.addons.get("proxyserver")))
+        front = Front(policy, Mitmproxy(ServerInstance.make("regular", master.addons.get("proxyserver"))))
         dns = await listen_dns(listen_host, config.dns_port, audit, clients=config.clients)
         try:
             proxy = await asyncio.start_server(front.handle, listen_host, config.port)
@@ -141,30 +141,28 @@ async def serve(
 
 
 def dispatch_once(master: Any) -> None:
-    """Give `master` a hook dispatch that finds each hook's handlers once, instead of on every event.
+    """Give `master` a hook dispatch that finds the addons handling each hook once, not on every event.
 
     mitmproxy's AddonManager walks every addon (and its children) with getattr on every event, and most
-    events (an UpdateHook after each flow hook, for one) have no handler at all: some 25 events per
-    intercepted request, each through eight addons. The addons are fixed once the bundle runs, so the
-    handlers per hook name are looked up on first use and kept; each still runs under mitmproxy's
-    safecall, in chain order, so an addon's error is logged as before and AddonHalt still stops the rest.
+    events (an UpdateHook after each flow hook, for one) have no handler at all: 19 hooks per intercepted
+    request, each through eight addons. The addons are fixed once the bundle runs, so the ones with a
+    handler for a hook are looked up on its first use and kept; each handler still runs under
+    mitmproxy's safecall, in chain order, so an addon's error is logged as before and AddonHalt still
+    stops the rest.
     """
     from mitmproxy import addonmanager, exceptions
 
     addons = master.addons
-    handlers: dict[str, list[Callable[..., Any]]] = {}
+    handling: dict[str, list[Any]] = {}
 
     async def trigger_event(event: Any) -> None:
-        found = handlers.get(event.name)
+        found = handling.get(event.name)
         if found is None:
-            found = handlers[event.name] = [f for addon in addons.chain for _, f in addons._iter_hooks(addon, event)]
-        if not found:
-            return
-        args = event.args()
-        for handler in found:
+            found = handling[event.name] = [a for addon in addons.chain for a, _ in addons._iter_hooks(addon, event)]
+        for addon in found:
             try:
                 with addonmanager.safecall():
-                    result = handler(*args)
+                    result = getattr(addon, event.name)(*event.args())
                     if result is not None and inspect.isawaitable(result):
                         await result
             except exceptions.AddonHalt:

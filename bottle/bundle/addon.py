@@ -208,11 +208,15 @@ class BottlePolicy:
         if not decision.allowed:
             self._refuse(flow, decision)
             return
-        self._tunnels[flow.client_conn.id] = (_name(flow.request.host), flow.request.port)
-        if not decision.intercept:
-            self._passthrough.add(flow.client_conn.id)
+        self.open_tunnel(flow.client_conn.id, host=flow.request.host, port=flow.request.port, decision=decision)
         # The tunnel gets its own line (each request inside an intercepted one gets one more).
         self._log(flow, decision, **self._where(flow), status=200, bytes_out=None, bytes_in=None)
+
+    def open_tunnel(self, client_id: str, *, host: str, port: int, decision: Decision) -> None:
+        """Make client_id's connection a CONNECT tunnel to host:port, which `decision` allowed."""
+        self._tunnels[client_id] = (_name(host), port)
+        if not decision.intercept:
+            self._passthrough.add(client_id)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         tunnel = self._tunnels.get(data.context.client.id)

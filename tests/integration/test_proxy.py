@@ -146,6 +146,22 @@ def test_an_allowed_host_is_reached_over_intercepted_tls_with_its_credential(wor
     assert json.loads(body)["headers"]["x-api-key"] == SECRET  # injected, replacing the agent's own
 
 
+@pytest.mark.parametrize("split", [False, True])  # answered by the front door, or by mitmproxy
+def test_a_tunnel_answered_by_either_side_gets_the_same_policy(world, split):
+    port = world["tls"]
+    for host, status, credentialed in [("upstream.test", 200, True), ("other.test", 200, False)]:
+        before = len(world["audit"])
+        with tunnel(world, host, port, split=split) as sock:
+            got, body = exchange(sock, f"GET /echo?k=v HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+                                 .encode())  # fmt: skip
+        assert got == status and (json.loads(body)["headers"].get("x-api-key") == SECRET) == credentialed
+        assert [(e["method"], e["host"], e["decision"]) for e in world["audit"][before:]] == [
+            ("CONNECT", host, "allow"), ("GET", host, "allow")]  # fmt: skip
+    with tunnel(world, "pass.test", port, sni="other.test", split=split) as sock:
+        got, body = exchange(sock, f"GET / HTTP/1.1\r\nHost: pass.test:{port}\r\nConnection: close\r\n\r\n".encode())
+    assert got == 403 and b"does not name pass.test" in body
+
+
 def test_the_credential_goes_to_its_host_and_no_other(world):
     status, body = https_get(world, "other.test")
     assert status == 200 and "x-api-key" not in {k.lower() for k in json.loads(body)["headers"]}
@@ -212,10 +228,19 @@ def test_the_audit_log_has_every_request_and_no_secret(world):
 # -- as an attacker in the VM would try it ------------------------------------------------------------
 
 
-def tunnel(world, host, port, *, sni=None, alpn=None):
-    """A CONNECT through the bundle, then TLS inside it with `sni` (trusting the bundle's CA); the socket."""
+def tunnel(world, host, port, *, sni=None, alpn=None, split=False):
+    """A CONNECT through the bundle, then TLS inside it with `sni` (trusting the bundle's CA); the socket.
+
+    With `split`, the CONNECT's head crosses two packets, so mitmproxy (not the front door) answers it.
+    """
     raw = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
-    raw.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    head = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    if split:
+        raw.sendall(head[:9])
+        time.sleep(0.05)
+        head = head[9:]
+    raw.sendall(head)
     reply = b""
     while b"\r\n\r\n" not in reply:
         reply += raw.recv(4096)
@@ -581,10 +606,10 @@ def test_the_agent_leaving_before_its_client_hello_still_leaves_one_audit_line(w
 
 
 def test_a_passthrough_host_that_rebinds_inward_before_its_client_hello_is_never_connected_to(world, monkeypatch):
+    before = len(world["audit"])
     raw = tunnel(world, "pass.test", world["tls"], sni=False)
     monkeypatch.setitem(world["table"], "pass.test", "127.0.0.1")
     time.sleep(DECISION_TTL + 0.2)  # the decision the CONNECT got has run out: the connect decides anew
-    before = len(world["audit"])
     context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
     with pytest.raises((ssl.SSLError, OSError)):
         context.wrap_socket(raw, server_hostname="pass.test")

@@ -46,20 +46,28 @@ def test_only_a_plain_connect_head_is_read_as_one(head, expected):
 
 
 class Recorder:
-    """Stands in for mitmproxy's server instance: reads a handed-off connection to its end, then answers."""
+    """Stands in for mitmproxy: reads each connection (or tunnel) it is handed to its end, then answers."""
 
     def __init__(self, answer: bytes):
         self.answer = answer
-        self.received: list[bytes] = []
+        self.received: list[bytes] = []  # each connection handed over from its first byte
+        self.tunnels: list[tuple[str, int, bytes]] = []  # each tunnel's host, port and content
 
     async def handle_stream(self, reader, writer) -> None:
+        self.received.append(await self._read_and_answer(reader, writer))
+
+    async def handle_tunnel(self, reader, writer, host, port, opened) -> None:
+        opened("client-id")
+        self.tunnels.append((host, port, await self._read_and_answer(reader, writer)))
+
+    async def _read_and_answer(self, reader, writer) -> bytes:
         data = b""
         while chunk := await reader.read(65536):
             data += chunk
-        self.received.append(data)
         writer.write(self.answer)
         await writer.drain()
         writer.close()
+        return data
 
 
 def client_hello(server_name: str | None) -> bytes:
@@ -76,8 +84,8 @@ def client_hello(server_name: str | None) -> bytes:
 def through_front(packets: list[bytes], *, answer: bytes = b"", clients=(), wait_for_answer=False):
     """Send `packets` to a front door on loopback (pausing between them), half-close, and read everything back.
 
-    Returns (what the agent received, what the recorder received per handed-off connection, the audit log).
-    With `wait_for_answer`, the second packet goes only after the front door answered the first.
+    Returns (what the agent received, the recorder, the audit log, the addon). With `wait_for_answer`, the
+    second packet goes only after the front door answered the first.
     """
     config = BundleConfig(
         allow=[Rule(host="pass.example.com", ports=[443], intercept=False), Rule(host="api.example.com"),
@@ -105,15 +113,15 @@ def through_front(packets: list[bytes], *, answer: bytes = b"", clients=(), wait
             return received
 
     received = asyncio.run(main())
-    return received, recorder.received, audit
+    return received, recorder, audit, addon
 
 
 @pytest.mark.parametrize(
     "packets",
     [
         [b"GET http://pass.example.com/ HTTP/1.1\r\nHost: pass.example.com\r\n\r\n"],
-        [b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n"],  # intercepted: mitmproxy's
         [b"CONNECT pass.example.com:8443 HTTP/1.1\r\n\r\n"],  # a port the rule does not allow
+        [b"CONNECT elsewhere.example.com:443 HTTP/1.1\r\n\r\n"],  # no rule
         [b"CONNECT inward.example.com:443 HTTP/1.1\r\n\r\n"],  # refused by its address
         [b"CONNECT pass.example.com:53 HTTP/1.1\r\n\r\n"],
         [b"CONNECT pass.exam", b"ple.com:443 HTTP/1.1\r\n\r\n"],  # a head split across packets
@@ -122,41 +130,48 @@ def through_front(packets: list[bytes], *, answer: bytes = b"", clients=(), wait
         [],
     ],
 )
-def test_whatever_the_front_door_does_not_carry_reaches_mitmproxy_byte_for_byte(packets):
-    received, handed, audit = through_front(packets, answer=b"mitmproxy's answer")
-    assert handed == [b"".join(packets)] and received == b"mitmproxy's answer" and audit == []
+def test_whatever_the_front_door_does_not_answer_reaches_mitmproxy_byte_for_byte(packets):
+    received, recorder, audit, _ = through_front(packets, answer=b"mitmproxy's answer")
+    assert recorder.received == [b"".join(packets)] and recorder.tunnels == []
+    assert received == b"mitmproxy's answer" and audit == []
 
 
-def test_a_passthrough_connect_from_anyone_but_the_agent_reaches_mitmproxy(tmp_path):
-    received, handed, _ = through_front([CONNECT], answer=b"", clients=[ip_network("10.99.0.0/16")])
-    assert handed == [CONNECT] and received == b""  # mitmproxy refuses it (tests/integration/test_proxy_clients.py)
+def test_a_connect_from_anyone_but_the_agent_reaches_mitmproxy_from_its_first_byte():
+    received, recorder, audit, _ = through_front([CONNECT], clients=[ip_network("10.99.0.0/16")])
+    assert recorder.received == [CONNECT] and received == b"" and audit == []  # mitmproxy refuses it
+
+
+def test_an_intercepted_tunnel_is_answered_once_and_its_content_goes_to_mitmproxy_with_its_destination():
+    connect = b"CONNECT API.example.com.:443 HTTP/1.0\r\n\r\n"
+    inside = client_hello("api.example.com")
+    received, recorder, audit, addon = through_front([connect + inside[:10], inside[10:]], answer=b"mitmproxy's")
+    assert received == b"HTTP/1.0 200 Connection established\r\n\r\n" + b"mitmproxy's"
+    assert recorder.tunnels == [("api.example.com", 443, inside)] and recorder.received == []
+    assert [(e["method"], e["host"], e["port"], e["decision"]) for e in audit] == [
+        ("CONNECT", "api.example.com", 443, "allow")
+    ]
+    assert addon._tunnels == {"client-id": ("api.example.com", 443)} and not addon._passthrough
 
 
 @pytest.mark.parametrize("inside", [client_hello("other.example.com"), client_hello(None),
                                     b"GET / HTTP/1.1\r\nHost: pass.example.com\r\n\r\n"])  # fmt: skip
-def test_a_passthrough_tunnel_with_another_server_name_or_no_tls_is_intercepted_and_answered_once(inside):
-    # mitmproxy answers the CONNECT it is replayed, then (here) refuses the request inside: the agent sees
-    # the front door's 200 once, then mitmproxy's 403, and mitmproxy saw the agent's bytes from the start.
-    refusal = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n"
-    received, handed, audit = through_front([CONNECT, inside], answer=OK + refusal, wait_for_answer=True)
-    assert received == OK + refusal and handed == [CONNECT + inside] and audit == []
-
-
-def test_when_mitmproxy_refuses_a_tunnel_the_front_door_answered_the_agent_is_cut_off():
-    received, handed, _ = through_front([CONNECT, client_hello("other.example.com")],
-                                        answer=b"HTTP/1.1 403 Forbidden\r\n\r\n", wait_for_answer=True)  # fmt: skip
-    assert received == OK and len(handed) == 1
+def test_a_passthrough_tunnel_with_another_server_name_or_no_tls_goes_to_mitmproxy_as_a_passthrough_tunnel(inside):
+    # There the addon intercepts it and answers each request in it with a 403 (tests/integration/test_proxy.py).
+    received, recorder, audit, addon = through_front([CONNECT, inside], answer=b"403s", wait_for_answer=True)
+    assert received == OK + b"403s" and recorder.tunnels == [("pass.example.com", 443, inside)]
+    assert [(e["method"], e["decision"]) for e in audit] == [("CONNECT", "allow")]
+    assert addon._passthrough == {"client-id"}
 
 
 def test_a_client_hello_that_never_completes_is_handed_over_once_it_is_too_long():
     record = b"\x16\x03\x01\xff\xff" + b"\x01" * 70000  # announces more than it ever sends
-    received, handed, _ = through_front([CONNECT, record], answer=b"", wait_for_answer=True)
-    assert received == OK and handed == [CONNECT + record]
+    received, recorder, _, _ = through_front([CONNECT, record], wait_for_answer=True)
+    assert received == OK and recorder.tunnels == [("pass.example.com", 443, record)]
 
 
 def test_an_agent_that_leaves_before_its_client_hello_gets_its_tunnel_logged_once():
-    received, handed, audit = through_front([CONNECT], wait_for_answer=True)
-    assert received == OK and handed == []
+    received, recorder, audit, _ = through_front([CONNECT], wait_for_answer=True)
+    assert received == OK and recorder.received == recorder.tunnels == []
     assert [(e["method"], e["host"], e["decision"], e["status"]) for e in audit] == [
         ("CONNECT", "pass.example.com", "allow", 200)
     ]
