@@ -113,7 +113,7 @@ async def serve(
 
     with tempfile.TemporaryDirectory(prefix="bottle-bundle-") as confdir:
         shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
-        opts = options.Options(listen_host=listen_host, listen_port=config.port, confdir=confdir)
+        opts = options.Options(confdir=confdir)
         master = Master(opts, with_termlog=True)
         master.addons.add(*proxy_addons())
         # rawtcp off: inside a tunnel, anything that is not TLS is parsed as HTTP and meets the policy,
@@ -130,13 +130,11 @@ async def serve(
         dns = await listen_dns(listen_host, config.dns_port, audit, clients=config.clients)
         try:
             proxy = await asyncio.start_server(front.handle, listen_host, config.port)
-        except OSError:
-            dns.close()
-            raise
-        try:
-            await master.run()
+            try:
+                await master.run()
+            finally:
+                proxy.close()
         finally:
-            proxy.close()
             dns.close()
 
 

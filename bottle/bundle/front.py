@@ -118,7 +118,8 @@ class Mitmproxy:
 
 
 class Front:
-    """Serves the proxy port: passthrough tunnels here, everything else through `mitmproxy`."""
+    """Serves the proxy port: answers the agent's allowed CONNECTs, relays its passthrough tunnels, and gives
+    `mitmproxy` the rest."""
 
     def __init__(self, addon: BottlePolicy, mitmproxy: Mitmproxy):
         self.addon = addon
