@@ -36,6 +36,9 @@ IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing either way before it 
 _CHUNK = 65536
 _HEADER = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*")  # a header line as the fast path takes it
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+# The bytes a host and port may be made of here. mitmproxy's own check lets a LF through at the end of a
+# label (its patterns end in `$`, which matches before one); such a head goes to mitmproxy, which refuses it.
+_AUTHORITY = re.compile(rb"[A-Za-z0-9.:_\[\]-]+")
 
 
 def connect_target(head: bytes) -> tuple[str, int, bytes] | None:
@@ -43,16 +46,13 @@ def connect_target(head: bytes) -> tuple[str, int, bytes] | None:
     anything else, or anything less plain than a CONNECT needs to be."""
     request_line, *headers = head.split(b"\r\n")
     parts = request_line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in _VERSIONS:
+    if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in _VERSIONS or not _AUTHORITY.fullmatch(parts[1]):
         return None
     if not all(_HEADER.fullmatch(line) for line in headers):
         return None
     if any(line.split(b":", 1)[0].lower() in (b"content-length", b"transfer-encoding") for line in headers):
         return None  # a CONNECT with a body is mitmproxy's to judge
-    try:
-        named = _authority(parts[1].decode("ascii"))
-    except UnicodeDecodeError:
-        return None
+    named = _authority(parts[1].decode("ascii"))
     if named is None or named[1] is None:
         return None
     return named[0], named[1], parts[2]
@@ -127,14 +127,18 @@ class Front:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if not self.addon.admits(writer.get_extra_info("peername")):  # refused (and logged) there, at once
+                return await self.mitmproxy.handle_stream(_Replay(b"", reader), writer)
             read = await _read(reader)
-            tunnel = self._tunnel(read, writer.get_extra_info("peername"))
+            tunnel = self._tunnel(read)
             decision = await self.addon.decide(tunnel[0], tunnel[1]) if tunnel else None
             if tunnel is None or decision is None or not decision.allowed:  # refused there, by the same decision
                 return await self.mitmproxy.handle_stream(_Replay(read, reader), writer)
             host, port, version, head = tunnel
+            self._log_tunnel(host, port, decision)  # granted, whether or not the agent is still there to hear it
+            if writer.is_closing():
+                return
             writer.write(version + b" 200 Connection established\r\n\r\n")
-            self._log_tunnel(host, port, decision)
             inside = read[head:]
             if not decision.intercept:
                 hello, sni = await _client_hello(reader, inside)
@@ -150,12 +154,12 @@ class Front:
         finally:
             writer.close()
 
-    def _tunnel(self, read: bytes, peername: Any) -> tuple[str, int, bytes, int] | None:
-        """(host, port, version, length of the head) if `read` starts with a CONNECT from the agent to a host
-        a rule names, on a port the rule allows: the connections the front door answers itself."""
+    def _tunnel(self, read: bytes) -> tuple[str, int, bytes, int] | None:
+        """(host, port, version, length of the head) if `read` starts with a CONNECT to a host a rule names,
+        on a port the rule allows: the connections the front door answers itself."""
         head, blank, _ = read.partition(b"\r\n\r\n")
         target = connect_target(head) if blank else None
-        if target is None or not self.addon.admits(peername):
+        if target is None:
             return None
         host, port, version = target
         rule = self.addon.policy.rule_for(host)
@@ -195,12 +199,13 @@ class Front:
         timer = [loop.call_later(IDLE_TIMEOUT, watch)]
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            # A closed transport is asked first: uvloop's raise RuntimeError when written to.
             try:
-                while data := await source.read(_CHUNK):
+                while (data := await source.read(_CHUNK)) and not sink.is_closing():
                     sink.write(data)
                     last[0] = loop.time()
                     await sink.drain()
-                if sink.can_write_eof():
+                if not sink.is_closing() and sink.can_write_eof():
                     sink.write_eof()
             except OSError:
                 sink.close()

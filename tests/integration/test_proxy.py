@@ -583,7 +583,7 @@ def test_a_large_upload_crosses_a_passthrough_tunnel_whole(world):
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["body_bytes"] == size
 
 
-def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_timeout(world, monkeypatch):
+def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_timeout(world, monkeypatch, caplog):
     import bottle.bundle.front
 
     monkeypatch.setattr(bottle.bundle.front, "IDLE_TIMEOUT", 0.5)
@@ -592,6 +592,33 @@ def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_time
         start = time.monotonic()
         assert sock.recv(1) == b""  # closed by the bundle, not by the test's 10 s socket timeout
     assert time.monotonic() - start < 5
+    time.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_an_agent_that_resets_its_tunnels_leaves_whole_audit_lines_and_no_traceback(world, caplog):
+    """Found by a red team: uvloop raises RuntimeError writing to a closed transport, which the relay let out."""
+    before = len(world["audit"])
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
+    relayed = context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test")
+    time.sleep(0.2)
+    _reset(relayed)  # mid-relay
+    raw = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
+    raw.sendall(b"CONNECT slow.test:%d HTTP/1.1\r\n\r\n" % world["tls"])
+    time.sleep(0.5)
+    _reset(raw)  # while its name resolves (2 s)
+    deadline = time.monotonic() + 5
+    while len(world["audit"]) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert [(e["method"], e["host"], e["decision"]) for e in world["audit"][before:]] == [
+        ("CONNECT", "pass.test", "allow"), ("CONNECT", "slow.test", "allow")]  # fmt: skip
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
 def test_the_agent_leaving_before_its_client_hello_still_leaves_one_audit_line(world):
