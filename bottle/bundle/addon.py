@@ -88,6 +88,7 @@ class BottlePolicy:
         self._mismatched: set[str] = set()  # passthrough connections whose server name was not their host
         self._tunnels: dict[str, tuple[str, int]] = {}  # client connection id -> its CONNECT host and port
         self._passthrough: set[str] = set()  # client connections tunnelled without interception
+        self._relayed: set[str] = set()  # passthrough connections mitmproxy relays as they are: no flow reports them
 
     # -- deciding
 
@@ -224,6 +225,7 @@ class BottlePolicy:
             return
         if data.context.client.id in self._passthrough and _name(data.client_hello.sni or "") == tunnel[0]:
             data.ignore_connection = True  # tunnelled as is: the agent's TLS, to the name it tunnelled to
+            self._relayed.add(data.context.client.id)
             return
         # Intercepted. A passthrough whose server name does not match (or is missing) is intercepted so
         # that its requests are refused with a 403 and logged. Upstream TLS names and verifies the
@@ -300,7 +302,7 @@ class BottlePolicy:
         decision = await self.decide(str(host), int(port))
         if not decision.allowed:
             data.server.error = f"bottle: refused: {decision.reason}"
-            if data.client.id in self._passthrough:  # no HTTP flow will report it
+            if data.client.id in self._relayed:  # no HTTP flow will report it
                 self._log(None, decision, method="CONNECT", host=host, port=port, path="", status=None,
                           bytes_out=0, bytes_in=0)  # fmt: skip
             return
@@ -309,7 +311,7 @@ class BottlePolicy:
             data.server.sni = host  # the tunnel's host names and verifies the upstream TLS, never the address
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.client.id in self._passthrough:
+        if data.client.id in self._relayed:
             if not str(data.server.error or "").startswith("bottle: refused"):
                 host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
                 self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
@@ -326,7 +328,7 @@ class BottlePolicy:
         for its address with that error. A tunnel's requests name the checked address, so one failure would
         stick for the life of the tunnel (an HTTP/2 client's above all); with no address, the next request
         connects, and is checked, anew."""
-        if client_id in self._tunnels and client_id not in self._passthrough:
+        if client_id in self._tunnels and client_id not in self._relayed:
             server.address = None
 
     def is_agent(self, peer: IPAddress | None) -> bool:
@@ -351,4 +353,5 @@ class BottlePolicy:
     def client_disconnected(self, client: connection.Client) -> None:
         self._tunnels.pop(client.id, None)
         self._passthrough.discard(client.id)
+        self._relayed.discard(client.id)
         self._mismatched.discard(client.id)

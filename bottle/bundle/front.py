@@ -127,7 +127,10 @@ class Front:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if not self.addon.admits(writer.get_extra_info("peername")):  # refused (and logged) there, at once
+            peername = writer.get_extra_info("peername")
+            if peername is None:  # reset before it was accepted: nothing to read, no one to answer
+                return
+            if not self.addon.admits(peername):  # refused (and logged) there, at once
                 return await self.mitmproxy.handle_stream(_Replay(b"", reader), writer)
             read = await _read(reader)
             tunnel = self._tunnel(read)

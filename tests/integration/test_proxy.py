@@ -621,6 +621,32 @@ def test_an_agent_that_resets_its_tunnels_leaves_whole_audit_lines_and_no_traceb
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
+def test_a_connection_reset_before_it_is_accepted_leaves_no_traceback_and_no_line(world, caplog):
+    """Found by a red team: under uvloop such a connection has no peer address by the time it is handled,
+    and mitmproxy's Block addon raised TypeError on it (and the log named a client "None")."""
+    before = len(world["audit"])
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
+        sock.sendall(b"CONNECT pass.test:%d HTTP/1.1\r\n\r\n" % world["tls"])
+        _reset(sock)
+    time.sleep(0.5)
+    assert not [e for e in world["audit"][before:] if e.get("client") == "None"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_plain_http_in_a_passthrough_tunnel_to_a_failing_upstream_gets_one_line_per_request(world, split):
+    """Found by a red team: the failed connect was logged for the tunnel and again for the request."""
+    before = len(world["audit"])
+    closed = world["closed"]
+    with tunnel(world, "pass.test", closed, sni=False, split=split) as sock:
+        status, _ = exchange(sock, f"GET /x?token=abc HTTP/1.1\r\nHost: pass.test:{closed}\r\nConnection: close\r\n\r\n"
+                             .encode())  # fmt: skip
+    assert status == 502
+    time.sleep(0.3)
+    assert [(e["method"], e["decision"]) for e in world["audit"][before:]] == [("CONNECT", "allow"), ("GET", "error")]
+
+
 def test_the_agent_leaving_before_its_client_hello_still_leaves_one_audit_line(world):
     before = len(world["audit"])
     tunnel(world, "pass.test", world["tls"], sni=False).close()
