@@ -179,6 +179,19 @@ class BottlePolicy:
                 entry["reason"] = outcome.reason
         self.audit(entry)
 
+    def log_tunnel(self, host: str, port: int, decision: Decision) -> None:
+        """The line of a tunnel with no flow to carry it: granted (status 200), or refused when it connected."""
+        if decision.allowed:
+            sizes: dict[str, Any] = {"status": 200, "bytes_out": None, "bytes_in": None}
+        else:
+            sizes = {"status": None, "bytes_out": 0, "bytes_in": 0}
+        self._log(None, decision, method="CONNECT", host=host, port=port, path="", **sizes)
+
+    def log_tunnel_error(self, host: str | None, port: int | None, error: object, rule: str | None) -> None:
+        """The line of a tunnel with no flow to carry it, whose upstream could not be reached."""
+        self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=rule,
+                  reason=self._safe(error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+
     def _safe(self, error: object) -> str:
         """An error as the log may keep it: no secret, and none of the bytes mitmproxy quotes (an upstream
         can reflect a header into them, an agent can put a token there)."""
@@ -303,8 +316,7 @@ class BottlePolicy:
         if not decision.allowed:
             data.server.error = f"bottle: refused: {decision.reason}"
             if data.client.id in self._relayed:  # no HTTP flow will report it
-                self._log(None, decision, method="CONNECT", host=host, port=port, path="", status=None,
-                          bytes_out=0, bytes_in=0)  # fmt: skip
+                self.log_tunnel(str(host), int(port), decision)
             return
         data.server.address = (str(decision.address), port)  # connect to exactly the address we checked
         if data.client.id in self._tunnels:
@@ -314,8 +326,7 @@ class BottlePolicy:
         if data.client.id in self._relayed:
             if not str(data.server.error or "").startswith("bottle: refused"):
                 host, port = self._tunnels.get(data.client.id) or data.server.address or (None, None)
-                self._log(None, None, method="CONNECT", host=host, port=port, path="", decision="error", rule=None,
-                          reason=self._safe(data.server.error), status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+                self.log_tunnel_error(host, port, data.server.error, rule=None)
         else:
             self._forget_failed(data.client.id, data.server)
 

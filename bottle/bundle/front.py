@@ -29,7 +29,6 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler, ServerInstance
 
 from bottle.bundle.addon import DNS_PORTS, BottlePolicy, _authority, _name
-from bottle.bundle.policy import Decision
 
 HELLO_LIMIT = 65536  # bytes a ClientHello may take before the connection goes to mitmproxy instead
 IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing either way before it is closed (mitmproxy's own)
@@ -138,7 +137,7 @@ class Front:
             if tunnel is None or decision is None or not decision.allowed:  # refused there, by the same decision
                 return await self.mitmproxy.handle_stream(_Replay(read, reader), writer)
             host, port, version, head = tunnel
-            self._log_tunnel(host, port, decision)  # granted, whether or not the agent is still there to hear it
+            self.addon.log_tunnel(host, port, decision)  # granted, whether or not the agent is still there to hear it
             if writer.is_closing():
                 return
             writer.write(version + b" 200 Connection established\r\n\r\n")
@@ -170,23 +169,17 @@ class Front:
             return None
         return host, port, version, len(head) + len(blank)
 
-    def _log_tunnel(self, host: str, port: int, outcome: Decision | None, **fields: Any) -> None:
-        """The tunnel's audit line, as BottlePolicy.http_connect writes it (or, with `fields`, a failure's)."""
-        fields = fields or {"status": 200, "bytes_out": None, "bytes_in": None}
-        self.addon._log(None, outcome, method="CONNECT", host=host, port=port, path="", **fields)
-
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
                      hello: bytes) -> None:  # fmt: skip
         """Connect to the address the policy checks for host:port now, send it the ClientHello, and relay."""
         decision = await self.addon.decide(host, port)  # the same one as a moment ago, unless its time ran out
         if not decision.allowed:
-            self._log_tunnel(host, port, decision, status=None, bytes_out=0, bytes_in=0)
+            self.addon.log_tunnel(host, port, decision)
             return
         try:
             upstream_reader, upstream = await asyncio.open_connection(str(decision.address), port)
         except OSError as exc:
-            self._log_tunnel(host, port, None, decision="error", rule=decision.rule, reason=self.addon._safe(exc),
-                             status=None, bytes_out=0, bytes_in=0)  # fmt: skip
+            self.addon.log_tunnel_error(host, port, exc, decision.rule)
             return
         loop = asyncio.get_running_loop()
         last = [loop.time()]

@@ -267,6 +267,16 @@ def last_entry(world, **match):
     return [e for e in world["audit"] if all(e.get(k) == v for k, v in match.items())][-1]
 
 
+def audit_since(world, before: int, count: int, settle: float = 0.0) -> list[dict]:
+    """The audit lines after the first `before`, once there are `count` of them (or 5 s passed), and `settle`
+    seconds more, so a line too many would show too."""
+    deadline = time.monotonic() + 5
+    while len(world["audit"]) < before + count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(settle)
+    return world["audit"][before:]
+
+
 def test_an_absolute_form_target_inside_a_tunnel_cannot_front_the_credential(world):
     port = world["tls"]
     with tunnel(world, "upstream.test", port) as sock:
@@ -362,10 +372,7 @@ def test_a_failed_request_gets_exactly_one_audit_line(world, host, port_key, why
         status, _ = exchange(sock, f"GET /x?token=sk-leak HTTP/1.1\r\nHost: {host}:{world[port_key]}\r\n"
                                    "Connection: close\r\n\r\n".encode())  # fmt: skip
     assert status == 502
-    deadline = time.monotonic() + 5
-    while len(world["audit"]) < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    [connect, entry] = world["audit"][before:]  # the tunnel, then the request in it
+    [connect, entry] = audit_since(world, before, 2)  # the tunnel, then the request in it
     assert (connect["method"], connect["decision"]) == ("CONNECT", "allow")
     assert (entry["decision"], entry["host"], entry["path"]) == ("error", host, "/x?token=REDACTED")
     assert re.search(why, entry["reason"].lower()) and "sk-leak" not in json.dumps(entry)
@@ -570,10 +577,15 @@ def test_a_passthrough_client_hello_is_read_however_it_arrives(world, pipelined,
     assert (entry["method"], entry["host"], entry["decision"], entry["status"]) == ("CONNECT", "pass.test", "allow", 200)
 
 
+def passthrough_tls(world) -> ssl.SSLSocket:
+    """TLS to pass.test through a passthrough tunnel, verified against the upstream's own CA (not the bundle's)."""
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
+    return context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test")
+
+
 def test_a_large_upload_crosses_a_passthrough_tunnel_whole(world):
     size = 8 * 1024 * 1024
-    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
-    with context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test") as sock:
+    with passthrough_tls(world) as sock:
         sock.sendall(f"POST /echo HTTP/1.1\r\nHost: pass.test\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
                      .encode())  # fmt: skip
         sock.sendall(b"x" * size)
@@ -587,8 +599,7 @@ def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_time
     import bottle.bundle.front
 
     monkeypatch.setattr(bottle.bundle.front, "IDLE_TIMEOUT", 0.5)
-    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
-    with context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test") as sock:
+    with passthrough_tls(world) as sock:
         start = time.monotonic()
         assert sock.recv(1) == b""  # closed by the bundle, not by the test's 10 s socket timeout
     assert time.monotonic() - start < 5
@@ -604,19 +615,14 @@ def _reset(sock: socket.socket) -> None:
 def test_an_agent_that_resets_its_tunnels_leaves_whole_audit_lines_and_no_traceback(world, caplog):
     """Found by a red team: uvloop raises RuntimeError writing to a closed transport, which the relay let out."""
     before = len(world["audit"])
-    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))
-    relayed = context.wrap_socket(tunnel(world, "pass.test", world["tls"], sni=False), server_hostname="pass.test")
+    relayed = passthrough_tls(world)
     time.sleep(0.2)
     _reset(relayed)  # mid-relay
     raw = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
     raw.sendall(b"CONNECT slow.test:%d HTTP/1.1\r\n\r\n" % world["tls"])
     time.sleep(0.5)
     _reset(raw)  # while its name resolves (2 s)
-    deadline = time.monotonic() + 5
-    while len(world["audit"]) < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    assert [(e["method"], e["host"], e["decision"]) for e in world["audit"][before:]] == [
+    assert [(e["method"], e["host"], e["decision"]) for e in audit_since(world, before, 2, settle=0.3)] == [
         ("CONNECT", "pass.test", "allow"), ("CONNECT", "slow.test", "allow")]  # fmt: skip
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
@@ -650,11 +656,7 @@ def test_plain_http_in_a_passthrough_tunnel_to_a_failing_upstream_gets_one_line_
 def test_the_agent_leaving_before_its_client_hello_still_leaves_one_audit_line(world):
     before = len(world["audit"])
     tunnel(world, "pass.test", world["tls"], sni=False).close()
-    deadline = time.monotonic() + 5
-    while len(world["audit"]) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
-    [entry] = world["audit"][before:]
+    [entry] = audit_since(world, before, 1, settle=0.2)
     assert (entry["method"], entry["host"], entry["decision"]) == ("CONNECT", "pass.test", "allow")
 
 
