@@ -300,8 +300,11 @@ class BottlePolicy:
         self._log(flow, None, **self._where(flow), **failed, status=None, bytes_out=0, bytes_in=0)
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
-        host, port = self._tunnels.get(data.context.client.id) or (None, None)
-        reason = f"the agent's TLS handshake with the bundle failed: {self._safe(data.conn.error)}"
+        self.log_tls_failed(*(self._tunnels.get(data.context.client.id) or (None, None)), data.conn.error)
+
+    def log_tls_failed(self, host: str | None, port: int | None, error: object) -> None:
+        """The line of an agent whose TLS handshake with the bundle failed (in a tunnel to host:port)."""
+        reason = f"the agent's TLS handshake with the bundle failed: {self._safe(error)}"
         failed = {"decision": "error", "rule": None, "reason": reason}
         self._log(None, None, method="TLS", host=host, port=port, path="", **failed, status=None, bytes_out=0,
                   bytes_in=0)  # fmt: skip

@@ -1,18 +1,21 @@
 """The proxy's front door: every connection to the bundle's proxy port arrives here first.
 
-A CONNECT from the agent that the policy allows is answered (and logged) here. If its rule passes it
-through (`intercept = false`) and its TLS ClientHello names the CONNECT's host, it is relayed as bytes
-by the event loop's own transports, to exactly the address the policy checked: nothing of mitmproxy's
-HTTP, TLS or hook machinery runs for it. Any other tunnel's content goes to mitmproxy as a connection
-whose destination is already known (its transparent mode), so the HTTP layer of the CONNECT itself,
-which every event of the tunnel used to pass through, is skipped; there the whole policy meets it
-(interception, the destination checks, a 403 for a server name that does not match).
+A CONNECT from the agent that the policy allows is answered (and logged) here, and the agent's first bytes
+in the tunnel are read: when they are a TLS ClientHello naming the CONNECT's host,
+- a passthrough tunnel (`intercept = false`) is relayed as bytes by the event loop's own transports, to
+  exactly the address the policy checked: nothing of mitmproxy's HTTP, TLS or hook machinery runs for it;
+- an intercepted one has the bundle's TLS completed here, by the ssl module (AgentTLS), and what the agent
+  sends inside goes to mitmproxy on the layers its own interception would have put above that TLS:
+  upstream TLS opened and verified for the host, then HTTP, where the whole policy meets every request.
+Any other tunnel's content (not TLS, or for another server name, or none) goes to mitmproxy as it is, on
+its transparent-mode layers (those a CONNECT tunnel gets inside it), with its destination already known;
+there the policy intercepts it and answers its requests with a 403 where the names disagree.
 
 Everything else reaches mitmproxy from its first byte, exactly as the agent sent it: a plain request,
 a refused CONNECT, a client that is not the agent, anything that does not parse the simple way. The
 decision is the same in every case (BottlePolicy.decide, its checked address and its cache), and so
 is the audit log. Together this took most of mitmproxy's per-connection cost off a passthrough tunnel
-and about a tenth off an intercepted one (benchmarks/proxy.py).
+and about a quarter off an intercepted one (benchmarks/proxy.py).
 """
 
 from __future__ import annotations
@@ -20,17 +23,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import ssl
+import tempfile
+import time
 from collections.abc import Callable
+from ipaddress import ip_address
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from mitmproxy import ctx
 from mitmproxy.proxy import layers
+from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler, ServerInstance
+from mitmproxy.tls import ClientHello
 
 from bottle.bundle.addon import DNS_PORTS, BottlePolicy, _authority, _name
 
 HELLO_LIMIT = 65536  # bytes a ClientHello may take before the connection goes to mitmproxy instead
+CONTEXT_CACHE = 256  # hosts whose TLS context is kept (a bottle talks to a handful)
 IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing either way before it is closed (mitmproxy's own)
 _CHUNK = 65536
 _HEADER = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*")  # a header line as the fast path takes it
@@ -38,6 +50,13 @@ _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # The bytes a host and port may be made of here. mitmproxy's own check lets a LF through at the end of a
 # label (its patterns end in `$`, which matches before one); such a head goes to mitmproxy, which refuses it.
 _AUTHORITY = re.compile(rb"[A-Za-z0-9.:_\[\]-]+")
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def connect_target(head: bytes) -> tuple[str, int, bytes] | None:
@@ -65,20 +84,113 @@ async def _read(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
-async def _client_hello(reader: asyncio.StreamReader, read: bytes) -> tuple[bytes | None, str | None]:
-    """The agent's first bytes in a tunnel, read until they hold a whole TLS ClientHello, and the server name
-    it asks for (None if they are not TLS or name no server); (None, None) if the agent leaves first."""
+async def _client_hello(reader: asyncio.StreamReader, read: bytes) -> tuple[bytes | None, ClientHello | None]:
+    """The agent's first bytes in a tunnel, read until they hold a whole TLS ClientHello, and that ClientHello
+    (None if they are not TLS); (None, None) if the agent leaves first."""
     while True:
         try:
             hello = parse_client_hello(read)
         except ValueError:
             return read, None
         if hello is not None or len(read) > HELLO_LIMIT:
-            return read, _name(hello.sni) if hello is not None and hello.sni else None
+            return read, hello
         more = await _read(reader)
         if not more:
             return None, None
         read += more
+
+
+class AgentTLS:
+    """The agent's side of an intercepted tunnel, with the bundle's TLS on it: plaintext in and out, as the
+    reader and writer mitmproxy's connection handler takes.
+
+    The TLS is the ssl module's (OpenSSL, called from C) over memory buffers, so the ClientHello the front
+    door has read already is where the handshake starts. mitmproxy's own TLS layer drives pyOpenSSL from
+    Python with a hook at each step; it was the largest single cost of an intercepted request.
+    """
+
+    def __init__(self, context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 received: bytes):  # fmt: skip
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._incoming.write(received)
+        self.tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._reader, self._writer = reader, writer
+
+    def _send(self) -> None:
+        data = self._outgoing.read()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def _receive(self) -> None:
+        data = await _read(self._reader)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    async def handshake(self) -> None:
+        """Complete the handshake; ssl.SSLError (an OSError) if it fails or the agent leaves during it."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send()
+                await self._receive()
+        self._send()
+
+    async def read(self, n: int = -1) -> bytes:
+        """Plaintext from the agent; none once it closes, or idles for IDLE_TIMEOUT seconds."""
+        while True:
+            try:
+                data = self.tls.read(n if n > 0 else _CHUNK)
+            except ssl.SSLWantReadError:
+                self._send()
+                await self._receive()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            else:
+                self._send()  # what TLS 1.3 answers on its own (a key update)
+                return data
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.tls.write(data)
+        except ssl.SSLError:  # the TLS broke (a bad record from the agent, say): nothing more reaches it
+            self._writer.close()
+        else:
+            self._send()
+
+    def write_eof(self) -> None:
+        """TLS's half-close (close_notify), then TCP's."""
+        self._shutdown()
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        self._shutdown()
+        self._writer.close()
+
+    def _shutdown(self) -> None:
+        try:
+            self.tls.unwrap()
+        except ssl.SSLError:
+            pass  # sent; the agent's own close_notify is not waited for
+        self._send()
+
+    def can_write_eof(self) -> bool:
+        return self._writer.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._writer.is_closing()
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def wait_closed(self) -> None:
+        await self._writer.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._writer.get_extra_info(name, default)
 
 
 class _Replay:
@@ -99,6 +211,45 @@ class Mitmproxy:
 
     def __init__(self, instance: ServerInstance):
         self.instance = instance  # the regular-mode server instance, never started: the front door listens
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def tls_context(self, host: str) -> ssl.SSLContext:
+        """The TLS server context the agent meets for host: mitmproxy's certificate for it (from the bottle's CA,
+        as mitmproxy's own TLS layer would present), HTTP/2 or HTTP/1.1, TLS 1.2 at least, no renegotiation."""
+        context = self._contexts.get(host)
+        if context is None:
+            if len(self._contexts) >= CONTEXT_CACHE:
+                self._contexts.clear()
+            entry = ctx.master.addons.get("tlsconfig").certstore.get_cert(host, [_general_name(host)])
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.options |= ssl.OP_NO_RENEGOTIATION
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            key = entry.privatekey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption())  # fmt: skip
+            # The ssl module loads a certificate only from a file: one in mitmproxy's private confdir, for a moment.
+            with tempfile.NamedTemporaryFile(dir=ctx.options.confdir, suffix=".pem") as pem:
+                pem.write(entry.cert.to_pem() + key)
+                pem.flush()
+                context.load_cert_chain(pem.name)
+            self._contexts[host] = context
+        return context
+
+    async def handle_decrypted(self, agent: Any, host: str, port: int, hello: ClientHello,
+                               opened: Callable[[str], None]) -> None:  # fmt: skip
+        """What the agent sends inside the bundle's TLS (`agent`, terminated by the front door) in a tunnel to
+        host:port, on the layers mitmproxy's own TLS interception would give it: upstream TLS, then HTTP."""
+        handler = ProxyConnectionHandler(ctx.master, agent, agent, ctx.options, self.instance.mode)
+        context = handler.layer.context
+        client = context.client
+        client.tls, client.sni, client.alpn_offers = True, hello.sni, hello.alpn_protocols
+        client.alpn = (agent.tls.selected_alpn_protocol() or "").encode() or None
+        client.tls_version, client.cipher = agent.tls.version(), agent.tls.cipher()[0]
+        client.timestamp_tls_setup = time.time()
+        context.server.address, context.server.sni = (host, port), host
+        handler.layer = layers.ServerTLSLayer(context)
+        handler.layer.child_layer = layers.HttpLayer(context, HTTPMode.transparent)
+        await self._serve(handler, opened)
 
     async def handle_stream(self, reader: Any, writer: asyncio.StreamWriter) -> None:
         await self.instance.handle_stream(reader, writer)
@@ -111,6 +262,10 @@ class Mitmproxy:
         handler.layer = layers.modes.TransparentProxy(handler.layer.context)
         client = handler.layer.context.client
         handler.layer.context.server.address = (host, port)
+        await self._serve(handler, opened)
+
+    async def _serve(self, handler: ProxyConnectionHandler, opened: Callable[[str], None]) -> None:
+        client = handler.layer.context.client
         opened(client.id)
         with self.instance.manager.register_connection(client.id, handler):
             await handler.handle_client()
@@ -141,20 +296,32 @@ class Front:
             if writer.is_closing():
                 return
             writer.write(version + b" 200 Connection established\r\n\r\n")
-            inside = read[head:]
-            if not decision.intercept:
-                hello, sni = await _client_hello(reader, inside)
-                if hello is None:  # the agent left, or idled, without a ClientHello
-                    return
-                if sni == host:
-                    return await self._relay(reader, writer, host, port, hello)
-                inside = hello  # not TLS, or TLS for another name: mitmproxy intercepts it and answers with 403s
+            received, hello = await _client_hello(reader, read[head:])
+            if received is None:  # the agent left, or idled, without a ClientHello
+                return
             opened = functools.partial(self.addon.open_tunnel, host=host, port=port, decision=decision)
-            await self.mitmproxy.handle_tunnel(_Replay(inside, reader), writer, host, port, opened)
+            if hello is not None and hello.sni and _name(hello.sni) == host:
+                if not decision.intercept:
+                    return await self._relay(reader, writer, host, port, received)
+                return await self._intercept(AgentTLS(self.mitmproxy.tls_context(host), reader, writer, received),
+                                             host, port, hello, opened)  # fmt: skip
+            # Not TLS, or TLS for another name (or none): mitmproxy intercepts it, and answers with 403s where
+            # the names disagree.
+            await self.mitmproxy.handle_tunnel(_Replay(received, reader), writer, host, port, opened)
         except OSError:
             pass  # the agent's connection broke; what was granted is logged already
         finally:
             writer.close()
+
+    async def _intercept(self, agent: AgentTLS, host: str, port: int, hello: ClientHello,
+                         opened: Callable[[str], None]) -> None:  # fmt: skip
+        """Complete the agent's TLS with the bundle for host, then give mitmproxy what the agent sends inside."""
+        try:
+            await agent.handshake()
+        except OSError as exc:
+            self.addon.log_tls_failed(host, port, exc)
+            return
+        await self.mitmproxy.handle_decrypted(agent, host, port, hello, opened)
 
     def _tunnel(self, read: bytes) -> tuple[str, int, bytes, int] | None:
         """(host, port, version, length of the head) if `read` starts with a CONNECT to a host a rule names,

@@ -6,6 +6,7 @@ The upstream servers listen on the host's address on a docker bridge network thi
 
 import http.client
 import json
+import os
 import re
 import socket
 import ssl
@@ -604,6 +605,41 @@ def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_time
         assert sock.recv(1) == b""  # closed by the bundle, not by the test's 10 s socket timeout
     assert time.monotonic() - start < 5
     time.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("sni", ["upstream.test", None])  # the front door's TLS, and mitmproxy's (no server name)
+def test_an_agent_whose_tls_handshake_with_the_bundle_fails_gets_one_line_for_it(world, sni):
+    """An agent that does not trust the bundle's CA (or is not TLS at all past its ClientHello) leaves one error
+    line after its CONNECT's, and nothing reaches the upstream."""
+    before, served = len(world["audit"]), world["tls_server"].requests
+    raw = tunnel(world, "upstream.test", world["tls"], sni=False)
+    context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))  # not the bundle's CA
+    context.check_hostname = sni is not None
+    with pytest.raises(ssl.SSLCertVerificationError):
+        context.wrap_socket(raw, server_hostname=sni)
+    raw.close()
+    lines = audit_since(world, before, 2, settle=0.3)
+    assert [(e["method"], e["host"], e["port"], e["decision"]) for e in lines] == [
+        ("CONNECT", "upstream.test", world["tls"], "allow"), ("TLS", "upstream.test", world["tls"], "error")
+    ]
+    assert lines[1]["reason"].startswith("the agent's TLS handshake with the bundle failed")
+    assert world["tls_server"].requests == served
+
+
+def test_an_agent_that_breaks_its_tls_mid_request_gets_one_line_and_no_traceback(world, caplog):
+    """A record the bundle's TLS cannot decrypt, right after a request: the request is logged as failed and
+    the connection closed, with the TLS alert that says why."""
+    before = len(world["audit"])
+    with tunnel(world, "upstream.test", world["tls"]) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: upstream.test\r\n\r\n")
+        with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+            raw.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data no key decrypts
+        with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
+            while sock.recv(65536):
+                pass
+    lines = audit_since(world, before, 2, settle=0.3)
+    assert [(e["method"], e["decision"]) for e in lines] == [("CONNECT", "allow"), ("GET", "error")]
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 

@@ -7,13 +7,16 @@ is tested against real upstreams in tests/integration/test_proxy.py.
 
 import asyncio
 import ssl
+import tempfile
 from ipaddress import ip_address, ip_network
 
 import pytest
 
 from bottle.bundle.addon import BottlePolicy
+from bottle.bundle.ca import create_ca
 from bottle.bundle.front import Front, connect_target
 from bottle.bundle.policy import BundleConfig, Policy, Rule
+from bottle.testing.upstream import issue_certificate
 
 TABLE = {"pass.example.com": "93.184.216.34", "api.example.com": "93.184.216.35", "inward.example.com": "127.0.0.1"}
 CONNECT = b"CONNECT pass.example.com:443 HTTP/1.1\r\nHost: pass.example.com:443\r\n\r\n"
@@ -55,6 +58,7 @@ class Recorder:
         self.answer = answer
         self.received: list[bytes] = []  # each connection handed over from its first byte
         self.tunnels: list[tuple[str, int, bytes]] = []  # each tunnel's host, port and content
+        self.decrypted: list[tuple[str, int, str | None, bytes]] = []  # ... server name and content, TLS terminated
 
     async def handle_stream(self, reader, writer) -> None:
         self.received.append(await self._read_and_answer(reader, writer))
@@ -62,6 +66,25 @@ class Recorder:
     async def handle_tunnel(self, reader, writer, host, port, opened) -> None:
         opened("client-id")
         self.tunnels.append((host, port, await self._read_and_answer(reader, writer)))
+
+    def tls_context(self, host: str) -> ssl.SSLContext:
+        key, cert = issue_certificate(*CA, [host])
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.NamedTemporaryFile(suffix=".pem") as pem:
+            pem.write(cert + key)
+            pem.flush()
+            context.load_cert_chain(pem.name)
+        return context
+
+    async def handle_decrypted(self, agent, host, port, hello, opened) -> None:
+        opened("client-id")
+        data = b""
+        while not data.endswith(b"\r\n\r\n") and (chunk := await agent.read(65536)):  # a request head
+            data += chunk
+        self.decrypted.append((host, port, hello.sni, data))
+        agent.write(self.answer)
+        await agent.drain()
+        agent.close()
 
     async def _read_and_answer(self, reader, writer) -> bytes:
         data = b""
@@ -71,6 +94,9 @@ class Recorder:
         await writer.drain()
         writer.close()
         return data
+
+
+CA = create_ca("bottle test bundle CA")
 
 
 def client_hello(server_name: str | None) -> bytes:
@@ -161,16 +187,73 @@ def test_a_client_that_is_not_the_agent_goes_to_mitmproxy_before_it_sends_a_byte
     assert asyncio.run(main()) == b"" and len(handed) == 1
 
 
-def test_an_intercepted_tunnel_is_answered_once_and_its_content_goes_to_mitmproxy_with_its_destination():
-    connect = b"CONNECT API.example.com.:443 HTTP/1.0\r\n\r\n"
-    inside = client_hello("api.example.com")
-    received, recorder, audit, addon = through_front([connect + inside[:10], inside[10:]], answer=b"mitmproxy's")
-    assert received == b"HTTP/1.0 200 Connection established\r\n\r\n" + b"mitmproxy's"
-    assert recorder.tunnels == [("api.example.com", 443, inside)] and recorder.received == []
+def through_tls(connect: bytes, server_name: str | None, cafile_pem: bytes, request: bytes = b"GET / HTTP/1.1\r\n\r\n"):
+    """CONNECT through a front door, then TLS to `server_name` trusting `cafile_pem`, send `request` and read
+    until the end. Returns (the CONNECT's answer, what came back inside TLS or the TLS error, recorder, audit)."""
+    config = BundleConfig(allow=[Rule(host="api.example.com")])
+    audit: list[dict] = []
+    addon = BottlePolicy(Policy(config, lambda host, port: [ip_address(TABLE[host])]), {}, audit.append)
+    recorder = Recorder(b"HTTP/1.1 204 No Content\r\n\r\n")
+    client = ssl.create_default_context(cadata=cafile_pem.decode())
+    client.check_hostname = server_name is not None
+
+    async def main() -> tuple[bytes, bytes | str]:
+        server = await asyncio.start_server(Front(addon, recorder).handle, "127.0.0.1", 0)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            writer.write(connect)
+            answer = await reader.readuntil(b"\r\n\r\n")
+            try:
+                await writer.start_tls(client, server_hostname=server_name)
+            except ssl.SSLError as exc:
+                inside: bytes | str = exc.reason
+                for _ in range(100):  # the front door's side of the failed handshake, and its line
+                    if len(audit) > 1:
+                        break
+                    await asyncio.sleep(0.05)
+            else:
+                writer.write(request)
+                await writer.drain()
+                inside = await reader.read()
+            writer.close()
+            return answer, inside
+
+    answer, inside = asyncio.run(main())
+    return answer, inside, recorder, audit
+
+
+def test_an_intercepted_tunnel_is_answered_once_and_mitmproxy_gets_what_the_agent_sends_inside_the_bundles_tls():
+    answer, inside, recorder, audit = through_tls(b"CONNECT API.example.com.:443 HTTP/1.0\r\n\r\n", "api.example.com",
+                                                  CA[1])  # fmt: skip
+    assert answer == b"HTTP/1.0 200 Connection established\r\n\r\n"
+    assert inside == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert recorder.decrypted == [("api.example.com", 443, "api.example.com", b"GET / HTTP/1.1\r\n\r\n")]
+    assert recorder.tunnels == recorder.received == []
     assert [(e["method"], e["host"], e["port"], e["decision"]) for e in audit] == [
         ("CONNECT", "api.example.com", 443, "allow")
     ]
-    assert addon._tunnels == {"client-id": ("api.example.com", 443)} and not addon._passthrough
+
+
+def test_an_agent_whose_tls_handshake_with_the_bundle_fails_gets_one_line_for_it_and_mitmproxy_nothing():
+    _, inside, recorder, audit = through_tls(b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n", "api.example.com",
+                                             create_ca("another CA")[1])  # fmt: skip
+    assert inside == "CERTIFICATE_VERIFY_FAILED"
+    assert recorder.decrypted == recorder.tunnels == recorder.received == []
+    assert [(e["method"], e["host"], e["port"], e["decision"]) for e in audit] == [
+        ("CONNECT", "api.example.com", 443, "allow"), ("TLS", "api.example.com", 443, "error")
+    ]
+    assert audit[1]["reason"].startswith("the agent's TLS handshake with the bundle failed")
+
+
+@pytest.mark.parametrize("inside", [client_hello("other.example.com"), client_hello(None),
+                                    b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n"])  # fmt: skip
+def test_an_intercepted_tunnel_for_another_server_name_or_none_or_without_tls_goes_to_mitmproxy_as_it_is(inside):
+    # There mitmproxy's TLS layer (or its HTTP one) meets it, and the addon answers each request with a 403.
+    connect = b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n"
+    received, recorder, audit, addon = through_front([connect, inside], answer=b"403s", wait_for_answer=True)
+    assert received == OK + b"403s" and recorder.tunnels == [("api.example.com", 443, inside)]
+    assert recorder.decrypted == [] and addon._tunnels == {"client-id": ("api.example.com", 443)}
+    assert [(e["method"], e["decision"]) for e in audit] == [("CONNECT", "allow")] and not addon._passthrough
 
 
 @pytest.mark.parametrize("inside", [client_hello("other.example.com"), client_hello(None),
