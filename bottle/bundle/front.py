@@ -121,8 +121,10 @@ class AgentTLS:
         if data and not self._writer.is_closing():
             self._writer.write(data)
 
-    async def _receive(self) -> None:
-        data = await _read(self._reader)
+    async def _receive(self, handshake: bool = False) -> None:
+        # Only the handshake is timed here. Once it is done the tunnel is idle when mitmproxy says so, which counts
+        # the upstream's traffic too: an agent waits on a long answer without a byte of its own.
+        data = await (_read(self._reader) if handshake else self._reader.read(_CHUNK))
         if data:
             self._incoming.write(data)
         else:
@@ -136,11 +138,11 @@ class AgentTLS:
                 break
             except ssl.SSLWantReadError:
                 self._send()
-                await self._receive()
+                await self._receive(handshake=True)
         self._send()
 
     async def read(self, n: int = -1) -> bytes:
-        """Plaintext from the agent; none once it closes, or idles for IDLE_TIMEOUT seconds."""
+        """Plaintext from the agent; none once it closes."""
         while True:
             try:
                 data = self.tls.read(n if n > 0 else _CHUNK)

@@ -609,9 +609,29 @@ def test_a_passthrough_tunnel_that_carries_nothing_is_closed_after_the_idle_time
 
 
 @pytest.mark.parametrize("sni", ["upstream.test", None])  # the front door's TLS, and mitmproxy's (no server name)
+def test_an_intercepted_tunnel_outlives_the_front_doors_idle_timeout(world, monkeypatch, sni):
+    """An agent may wait on a long answer (a model's stream) without a byte of its own: an intercepted tunnel's
+    idleness is mitmproxy's to judge, which counts the upstream's traffic too, as it always did."""
+    import bottle.bundle.front
+
+    monkeypatch.setattr(bottle.bundle.front, "IDLE_TIMEOUT", 0.3)
+    raw = tunnel(world, "upstream.test", world["tls"], sni=False)
+    context = ssl.create_default_context(cafile=str(world["client_ca"]))
+    context.check_hostname = sni is not None
+    conn = http.client.HTTPConnection("upstream.test", world["tls"], timeout=10)
+    conn.sock = context.wrap_socket(raw, server_hostname=sni)
+    for _ in range(2):
+        conn.request("GET", "/echo", headers={"Host": "upstream.test"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["path"] == "/echo"
+        time.sleep(0.8)
+    conn.close()
+
+
+@pytest.mark.parametrize("sni", ["upstream.test", None])  # the front door's TLS, and mitmproxy's (no server name)
 def test_an_agent_whose_tls_handshake_with_the_bundle_fails_gets_one_line_for_it(world, sni):
-    """An agent that does not trust the bundle's CA (or is not TLS at all past its ClientHello) leaves one error
-    line after its CONNECT's, and nothing reaches the upstream."""
+    """An agent that does not trust the bundle's CA leaves one error line after its CONNECT's, and nothing
+    reaches the upstream."""
     before, served = len(world["audit"]), world["tls_server"].requests
     raw = tunnel(world, "upstream.test", world["tls"], sni=False)
     context = ssl.create_default_context(cafile=str(world["upstream_ca_file"]))  # not the bundle's CA

@@ -245,6 +245,36 @@ def test_an_agent_whose_tls_handshake_with_the_bundle_fails_gets_one_line_for_it
     assert audit[1]["reason"].startswith("the agent's TLS handshake with the bundle failed")
 
 
+def test_an_agent_that_leaves_or_idles_mid_handshake_gets_one_line_for_it(monkeypatch):
+    import bottle.bundle.front
+
+    monkeypatch.setattr(bottle.bundle.front, "IDLE_TIMEOUT", 0.3)
+    connect = b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n"
+    hello = client_hello("api.example.com")
+    for packets, leaves in (([connect, hello], True), ([connect, hello, b""], False)):
+        config = BundleConfig(allow=[Rule(host="api.example.com")])
+        audit: list[dict] = []
+        addon = BottlePolicy(Policy(config, lambda host, port: [ip_address(TABLE[host])]), {}, audit.append)
+        recorder = Recorder(b"")
+
+        async def main() -> bytes:
+            server = await asyncio.start_server(Front(addon, recorder).handle, "127.0.0.1", 0)
+            async with server:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+                for packet in packets:
+                    writer.write(packet)
+                    await asyncio.sleep(0.05)
+                if leaves:
+                    writer.write_eof()
+                received = await asyncio.wait_for(reader.read(), 5)  # idling: closed by the front door in time
+                writer.close()
+                return received
+
+        assert asyncio.run(main()).startswith(OK)
+        assert [(e["method"], e["decision"]) for e in audit] == [("CONNECT", "allow"), ("TLS", "error")]
+        assert recorder.decrypted == recorder.tunnels == []
+
+
 @pytest.mark.parametrize("inside", [client_hello("other.example.com"), client_hello(None),
                                     b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n"])  # fmt: skip
 def test_an_intercepted_tunnel_for_another_server_name_or_none_or_without_tls_goes_to_mitmproxy_as_it_is(inside):
