@@ -137,23 +137,39 @@ class AgentTLS:
                 self.tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                self._send()
-                await self._receive(handshake=True)
+                await self._answer_then_receive(handshake=True)
         self._send()
 
+    async def _answer_then_receive(self, handshake: bool = False) -> None:
+        # What the TLS answers on its own (a key update, an alert refusing a renegotiation) is sent and waited
+        # out before more is read: an agent that never reads stalls itself, not the bundle's memory.
+        self._send()
+        await self._writer.drain()
+        await self._receive(handshake)
+
     async def read(self, n: int = -1) -> bytes:
-        """Plaintext from the agent; none once it closes."""
+        """Plaintext from the agent, as much as the records received so far hold (up to n); none once it closes."""
+        n = n if n > 0 else _CHUNK
         while True:
             try:
-                data = self.tls.read(n if n > 0 else _CHUNK)
+                data = [self.tls.read(n)]
+                break
             except ssl.SSLWantReadError:
-                self._send()
-                await self._receive()
+                await self._answer_then_receive()
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
-            else:
-                self._send()  # what TLS 1.3 answers on its own (a key update)
-                return data
+        size = len(data[0])
+        while size < n and self._incoming.pending:  # more records here already: one event for mitmproxy, not one each
+            try:
+                more = self.tls.read(n - size)
+            except ssl.SSLError:
+                break  # a record not yet whole, the end, or an error: the next read meets it
+            if not more:
+                break
+            data.append(more)
+            size += len(more)
+        self._send()
+        return b"".join(data)
 
     def write(self, data: bytes) -> None:
         try:

@@ -4,6 +4,7 @@ The upstream servers listen on the host's address on a docker bridge network thi
 (private, so the allow rules opt that /24 in explicitly); names resolve through a table, never DNS.
 """
 
+import gc
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ from docker.types import IPAMConfig, IPAMPool
 from bottle.bundle.addon import DECISION_TTL
 from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
 from bottle.bundle.ca import CA_FILE, create_ca
+from bottle.bundle.front import AgentTLS
 from bottle.bundle.policy import BundleConfig, Credential, Rule
 from bottle.testing.upstream import echo_server, free_port, gateway_of, running_bundle
 from tests.integration.conftest import TEST_LABEL
@@ -661,6 +663,75 @@ def test_an_agent_that_breaks_its_tls_mid_request_gets_one_line_and_no_traceback
     lines = audit_since(world, before, 2, settle=0.3)
     assert [(e["method"], e["decision"]) for e in lines] == [("CONNECT", "allow"), ("GET", "error")]
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def _tls12_record_forger(world, keylog):
+    """An intercepted tunnel to upstream.test whose TLS 1.2 the test completes by hand, and a function that makes
+    the agent's next encrypted record of a given type from plaintext (keys from the client's key log): the
+    records an agent with its own TLS stack can send and Python's ssl module never would."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    raw = tunnel(world, "upstream.test", world["tls"], sni=False)
+    context = ssl.create_default_context(cafile=str(world["client_ca"]))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")  # the bottle CA's key is P-256
+    context.keylog_filename = str(keylog)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="upstream.test")
+    first = b""
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            first = first or data
+            incoming.write(data)
+    raw.sendall(outgoing.read())
+    server_random = first[11:43]  # record header, handshake header, version: then the ServerHello's random
+    _, client_random, master = keylog.read_text().split("\n")[-2].split()
+    secret, seed = bytes.fromhex(master), b"key expansion" + server_random + bytes.fromhex(client_random)
+    block, a = b"", seed
+    while len(block) < 40:  # the TLS 1.2 PRF (SHA-256): client key, server key, client IV, server IV
+        a = hmac.new(secret, a, hashlib.sha256).digest()
+        block += hmac.new(secret, a + seed, hashlib.sha256).digest()
+    aead, iv, sequence = AESGCM(block[:16]), block[32:36], [1]  # the client's Finished was record 0
+
+    def record(kind: int, plain: bytes) -> bytes:
+        nonce = struct.pack(">Q", sequence[0])
+        sequence[0] += 1
+        sealed = aead.encrypt(iv + nonce, plain, nonce + bytes([kind]) + b"\x03\x03" + struct.pack(">H", len(plain)))
+        return bytes([kind]) + b"\x03\x03" + struct.pack(">H", 8 + len(sealed)) + nonce + sealed
+
+    return raw, record
+
+
+def test_an_agent_that_never_reads_stalls_itself_and_not_the_bundles_memory(world, tmp_path):
+    """Found by a red team: records that make the bundle's TLS answer but carry no plaintext (here renegotiation
+    requests, each refused with an alert) were answered without waiting for the agent to read the answers, so an
+    agent that never read grew the bundle's memory as fast as it could send."""
+    raw, record = _tls12_record_forger(world, tmp_path / "keys")
+    raw.sendall(record(23, b"GET /echo HTTP/1.1\r\nHost: upstream.test\r\n\r\n"))
+    raw.settimeout(5)
+    assert raw.recv(65536)[:1] == b"\x17"  # answered, so the keys are right
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and from now on it never reads
+    raw.settimeout(2)
+    sent = 0
+    try:
+        while sent < 24 * 2**20:  # it stalls after 8 to 10 MiB of kernel buffers here
+            batch = b"".join(record(22, b"\x01\x00\x00\x00") for _ in range(2000))  # an empty ClientHello each
+            raw.sendall(batch)
+            sent += len(batch)
+    except socket.timeout:
+        pass
+    held = [agent._writer.transport.get_write_buffer_size() for agent in gc.get_objects()
+            if isinstance(agent, AgentTLS) and not agent._writer.is_closing()]  # fmt: skip
+    raw.close()
+    assert held and max(held) < 2**20, f"the bundle holds {max(held) / 2**20:.0f} MiB after {sent / 2**20:.0f} MiB"
 
 
 def _reset(sock: socket.socket) -> None:

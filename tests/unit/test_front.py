@@ -14,7 +14,7 @@ import pytest
 
 from bottle.bundle.addon import BottlePolicy
 from bottle.bundle.ca import create_ca
-from bottle.bundle.front import Front, connect_target
+from bottle.bundle.front import AgentTLS, Front, connect_target
 from bottle.bundle.policy import BundleConfig, Policy, Rule
 from bottle.testing.upstream import issue_certificate
 
@@ -308,3 +308,43 @@ def test_an_agent_that_leaves_before_its_client_hello_gets_its_tunnel_logged_onc
     assert [(e["method"], e["host"], e["decision"], e["status"]) for e in audit] == [
         ("CONNECT", "pass.example.com", "allow", 200)
     ]
+
+
+def test_the_agents_tls_gives_mitmproxy_all_the_plaintext_its_records_hold_in_one_read():
+    """Found by a red team: a request sent one byte a TLS record went to mitmproxy one byte an event, at ten
+    times the bundle's CPU of mitmproxy's own TLS layer, which hands on everything it can decrypt at once."""
+    request = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n" * 5
+    context = Recorder(b"").tls_context("api.example.com")
+    client = ssl.create_default_context(cadata=CA[1].decode())
+
+    async def main() -> list[bytes]:
+        reads: list[bytes] = []
+        done = asyncio.Event()
+
+        async def serve(reader, writer) -> None:
+            agent = AgentTLS(context, reader, writer, b"")
+            await agent.handshake()
+            while sum(map(len, reads)) < len(request):
+                reads.append(await agent.read(65536))
+            done.set()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client.wrap_bio(incoming, outgoing, server_hostname="api.example.com")
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    writer.write(outgoing.read())
+                    incoming.write(await reader.read(65536))
+            for byte in request:
+                tls.write(bytes([byte]))  # a record each
+            writer.write(outgoing.read())  # all of them in one packet
+            await asyncio.wait_for(done.wait(), 5)
+            writer.close()
+        return reads
+
+    assert asyncio.run(main()) == [request]
