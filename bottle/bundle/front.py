@@ -253,7 +253,7 @@ class Mitmproxy:
             self._contexts[host] = context
         return context
 
-    async def handle_decrypted(self, agent: Any, host: str, port: int, hello: ClientHello,
+    async def handle_decrypted(self, agent: AgentTLS, host: str, port: int, hello: ClientHello,
                                opened: Callable[[str], None]) -> None:  # fmt: skip
         """What the agent sends inside the bundle's TLS (`agent`, terminated by the front door) in a tunnel to
         host:port, on the layers mitmproxy's own TLS interception would give it: upstream TLS, then HTTP."""
