@@ -33,7 +33,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import ctx
-from mitmproxy.proxy import layers
+from mitmproxy.proxy import commands, layers
+from mitmproxy.proxy.layer import CommandGenerator
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler, ServerInstance
@@ -209,6 +210,28 @@ class AgentTLS:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._writer.get_extra_info(name, default)
+
+
+class ClosingClientTLSLayer(layers.ClientTLSLayer):
+    """mitmproxy's TLS with the agent (tunnels the front door does not complete itself), closed at the first
+    record it cannot read after the handshake. mitmproxy logs such an error and reads on, into a buffer the
+    broken TLS never empties: an agent could fill the bundle's memory, and its log, as fast as it can send."""
+
+    def receive_data(self, data: bytes) -> CommandGenerator[None]:
+        yield from super().receive_data(data)
+        if self.tls.get_state_string() == b"error":  # OpenSSL's state once a fatal alert went out
+            yield commands.CloseConnection(self.conn)
+
+
+class CloseBrokenTLS:
+    """A mitmproxy addon, after its NextLayer: the agent's TLS layers it picks become ClosingClientTLSLayer."""
+
+    def next_layer(self, nextlayer: Any) -> None:
+        layer = nextlayer.layer
+        if isinstance(layer, layers.ServerTLSLayer):
+            layer = layer.child_layer
+        if type(layer) is layers.ClientTLSLayer:
+            layer.__class__ = ClosingClientTLSLayer  # the same layer, already in its context's stack
 
 
 class _Replay:
