@@ -8,6 +8,8 @@ import pytest
 from docker.types import IPAMConfig, IPAMPool
 
 from bottle.addressing import DEFAULT_POOL, derive_subnet, host_routes, ipv4_subnets
+from bottle.bundle import CA_DIR
+from bottle.bundle.ca import CA_FILE, split_ca
 from bottle.testing.images import READY_IMAGE
 from tests.integration.conftest import TEST_LABEL, bottle
 
@@ -63,9 +65,27 @@ def test_the_bundle_lets_through_the_allowlist_and_nothing_else(engine, slug, sm
     assert "403 Forbidden" in refused
     wrong_port = wget_through(engine, plan["network_name"], proxy, f"http://{name}:8080/", slug)
     assert "403 Forbidden" in wrong_port
+    # HTTPS, whose TLS with the agent the front door completes with this image's Python: the client verifies
+    # the bottle's CA for the decoy's name and its request reaches mitmproxy, whose upstream TLS then fails
+    # (the decoy speaks plain HTTP): a 502 and an error line.
+    _, ca_cert = split_ca((tmp_path / "home" / "bottles" / slug / "bundle" / CA_DIR / CA_FILE).read_bytes())
+    script = (
+        "import http.client, os, ssl\n"
+        f"conn = http.client.HTTPSConnection('{plan['bundle_ip']}', 8888, timeout=20,\n"
+        "                                    context=ssl.create_default_context(cadata=os.environ['CA']))\n"
+        f"conn.set_tunnel('{name}', 8888)\n"
+        "conn.request('GET', '/')\n"
+        "print(conn.sock.version(), conn.getresponse().status)\n"
+    )
+    answered = engine.containers.run(bundle_image, ["-c", script], entrypoint=["/opt/bundle/bin/python"],
+                                     environment={"CA": ca_cert.decode()}, network=plan["network_name"],
+                                     labels={TEST_LABEL: slug}, remove=True)  # fmt: skip
+    assert answered.decode().split() == ["TLSv1.3", "502"]
 
     logs = [json.loads(line) for line in bottle("logs", slug, "--json").stdout.splitlines()]
-    assert [e["decision"] for e in logs if e["host"] == name and e["port"] == 8888] == ["allow"]
+    assert [(e["method"], e["decision"]) for e in logs if e["host"] == name and e["port"] == 8888] == [
+        ("GET", "allow"), ("CONNECT", "allow"), ("GET", "error")
+    ]
     assert {e["host"] for e in logs if e["decision"] == "deny"} == {f"{name}.example", name}
     denied = bottle("logs", slug, "--denied").stdout
     assert f"DENY   GET {name}.example:8888/" in denied and "ALLOW" not in denied
