@@ -189,7 +189,8 @@ def test_a_client_that_is_not_the_agent_goes_to_mitmproxy_before_it_sends_a_byte
 
 def through_tls(connect: bytes, server_name: str | None, cafile_pem: bytes, request: bytes = b"GET / HTTP/1.1\r\n\r\n"):
     """CONNECT through a front door, then TLS to `server_name` trusting `cafile_pem`, send `request` and read
-    until the end. Returns (the CONNECT's answer, what came back inside TLS or the TLS error, recorder, audit)."""
+    until the end. Returns (the CONNECT's answer, what came back inside TLS or the TLS error, recorder, audit,
+    addon)."""
     config = BundleConfig(allow=[Rule(host="api.example.com")])
     audit: list[dict] = []
     addon = BottlePolicy(Policy(config, lambda host, port: [ip_address(TABLE[host])]), {}, audit.append)
@@ -219,12 +220,12 @@ def through_tls(connect: bytes, server_name: str | None, cafile_pem: bytes, requ
             return answer, inside
 
     answer, inside = asyncio.run(main())
-    return answer, inside, recorder, audit
+    return answer, inside, recorder, audit, addon
 
 
 def test_an_intercepted_tunnel_is_answered_once_and_mitmproxy_gets_what_the_agent_sends_inside_the_bundles_tls():
-    answer, inside, recorder, audit = through_tls(b"CONNECT API.example.com.:443 HTTP/1.0\r\n\r\n", "api.example.com",
-                                                  CA[1])  # fmt: skip
+    answer, inside, recorder, audit, addon = through_tls(b"CONNECT API.example.com.:443 HTTP/1.0\r\n\r\n",
+                                                         "api.example.com", CA[1])  # fmt: skip
     assert answer == b"HTTP/1.0 200 Connection established\r\n\r\n"
     assert inside == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert recorder.decrypted == [("api.example.com", 443, "api.example.com", b"GET / HTTP/1.1\r\n\r\n")]
@@ -232,11 +233,12 @@ def test_an_intercepted_tunnel_is_answered_once_and_mitmproxy_gets_what_the_agen
     assert [(e["method"], e["host"], e["port"], e["decision"]) for e in audit] == [
         ("CONNECT", "api.example.com", 443, "allow")
     ]
+    assert addon._tunnels == {"client-id": ("api.example.com", 443)} and not addon._passthrough
 
 
 def test_an_agent_whose_tls_handshake_with_the_bundle_fails_gets_one_line_for_it_and_mitmproxy_nothing():
-    _, inside, recorder, audit = through_tls(b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n", "api.example.com",
-                                             create_ca("another CA")[1])  # fmt: skip
+    _, inside, recorder, audit, _ = through_tls(b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n", "api.example.com",
+                                                create_ca("another CA")[1])  # fmt: skip
     assert inside == "CERTIFICATE_VERIFY_FAILED"
     assert recorder.decrypted == recorder.tunnels == recorder.received == []
     assert [(e["method"], e["host"], e["port"], e["decision"]) for e in audit] == [
@@ -251,7 +253,7 @@ def test_an_agent_that_leaves_or_idles_mid_handshake_gets_one_line_for_it(monkey
     monkeypatch.setattr(bottle.bundle.front, "IDLE_TIMEOUT", 0.3)
     connect = b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n"
     hello = client_hello("api.example.com")
-    for packets, leaves in (([connect, hello], True), ([connect, hello, b""], False)):
+    for leaves in (True, False):
         config = BundleConfig(allow=[Rule(host="api.example.com")])
         audit: list[dict] = []
         addon = BottlePolicy(Policy(config, lambda host, port: [ip_address(TABLE[host])]), {}, audit.append)
@@ -261,7 +263,7 @@ def test_an_agent_that_leaves_or_idles_mid_handshake_gets_one_line_for_it(monkey
             server = await asyncio.start_server(Front(addon, recorder).handle, "127.0.0.1", 0)
             async with server:
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-                for packet in packets:
+                for packet in (connect, hello):
                     writer.write(packet)
                     await asyncio.sleep(0.05)
                 if leaves:
