@@ -109,7 +109,7 @@ async def serve(
     from mitmproxy.master import Master
     from mitmproxy.proxy.mode_servers import ServerInstance
 
-    from bottle.bundle.front import CloseBrokenTLS, Front, Mitmproxy
+    from bottle.bundle.front import Bounds, Front, Mitmproxy
 
     with tempfile.TemporaryDirectory(prefix="bottle-bundle-") as confdir:
         shutil.copy(ca_file, Path(confdir) / CA_FILE)  # mitmproxy writes beside its CA; /etc/bottle is read-only
@@ -124,9 +124,10 @@ async def serve(
         if upstream_ca is not None:
             master.options.update(ssl_verify_upstream_trusted_ca=str(upstream_ca))
         policy = BottlePolicy(Policy(config, resolver), secrets, audit)
-        master.addons.add(policy, CloseBrokenTLS())  # after NextLayer, whose picks it amends
+        bounds = Bounds(policy)
+        master.addons.add(policy, bounds)  # after NextLayer, whose picks it amends
         dispatch_once(master)
-        front = Front(policy, Mitmproxy(ServerInstance.make("regular", master.addons.get("proxyserver"))))
+        front = Front(policy, Mitmproxy(ServerInstance.make("regular", master.addons.get("proxyserver")), bounds))
         dns = await listen_dns(listen_host, config.dns_port, audit, clients=config.clients)
         try:
             proxy = await asyncio.start_server(front.handle, listen_host, config.port)

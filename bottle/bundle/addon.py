@@ -302,6 +302,13 @@ class BottlePolicy:
     def tls_failed_client(self, data: tls.TlsData) -> None:
         self.log_tls_failed(*(self._tunnels.get(data.context.client.id) or (None, None)), data.conn.error)
 
+    def log_head_too_large(self, client_id: str, *, limit: int) -> None:
+        """The line of a request whose head went over `limit` bytes, refused before it was whole."""
+        host, port = self._tunnels.get(client_id) or (None, None)
+        reason = f"the request head is over {limit} bytes"
+        self._log(None, Decision(False, "head too large", reason), method="HTTP", host=host, port=port, path="",
+                  status=431, bytes_out=0, bytes_in=0)  # fmt: skip
+
     def log_tls_failed(self, host: str | None, port: int | None, error: object) -> None:
         """The line of an agent whose TLS handshake with the bundle failed (in a tunnel to host:port)."""
         reason = f"the agent's TLS handshake with the bundle failed: {self._safe(error)}"

@@ -32,16 +32,19 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from mitmproxy import ctx
+from mitmproxy import ctx, http
+from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, layers
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layer import CommandGenerator
-from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.http import HTTPMode, Http1Server, is_h3_alpn
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler, ServerInstance
 from mitmproxy.tls import ClientHello
 
 from bottle.bundle.addon import DNS_PORTS, BottlePolicy, _authority, _name
 
+HEAD_LIMIT = 65536  # bytes a request head may take (Node's own limit is 16 KiB)
 HELLO_LIMIT = 65536  # bytes a ClientHello may take before the connection goes to mitmproxy instead
 CONTEXT_CACHE = 256  # hosts whose TLS context is kept (a bottle talks to a handful)
 IDLE_TIMEOUT = 600.0  # seconds a tunnel may carry nothing either way before it is closed (mitmproxy's own)
@@ -223,8 +226,33 @@ class ClosingClientTLSLayer(layers.ClientTLSLayer):
             yield commands.CloseConnection(self.conn)
 
 
-class CloseBrokenTLS:
-    """A mitmproxy addon, after its NextLayer: the agent's TLS layers it picks become ClosingClientTLSLayer."""
+class BoundedHttp1Server(Http1Server):
+    """mitmproxy's HTTP/1 server side, refusing a request head over HEAD_LIMIT bytes with a 431 (and an audit
+    line, from `refused`). mitmproxy reads a head until its blank line, however long: an agent could fill the
+    bundle's memory with one header that never ends."""
+
+    def __init__(self, context: Context, refused: Callable[[str], None]):
+        super().__init__(context)
+        self._refused = refused
+
+    def read_headers(self, event: Any) -> CommandGenerator[None]:
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and len(self.buf) > HEAD_LIMIT:  # still no whole head
+            self._refused(self.conn.id)
+            answer = http.Response.make(431, f"bottle: refused: a request head over {HEAD_LIMIT} bytes\n",
+                                        {"content-type": "text/plain; charset=utf-8", "connection": "close"})
+            yield commands.SendData(self.conn, http1.assemble_response(answer))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+
+
+class Bounds:
+    """A mitmproxy addon, after its NextLayer, for the bounds its layers lack against a hostile agent: the
+    agent's TLS layers it picks close at their first unreadable record (ClosingClientTLSLayer), and its HTTP/1
+    layers read a request head of HEAD_LIMIT bytes at most (BoundedHttp1Server)."""
+
+    def __init__(self, addon: BottlePolicy):
+        self.addon = addon
 
     def next_layer(self, nextlayer: Any) -> None:
         layer = nextlayer.layer
@@ -232,6 +260,17 @@ class CloseBrokenTLS:
             layer = layer.child_layer
         if type(layer) is layers.ClientTLSLayer:
             layer.__class__ = ClosingClientTLSLayer  # the same layer, already in its context's stack
+        elif isinstance(layer, layers.HttpLayer):
+            self.bound(layer)
+
+    def bound(self, layer: layers.HttpLayer) -> None:
+        """Give `layer` a BoundedHttp1Server for the agent where it would make an Http1Server (HttpLayer takes a
+        connection already there). HTTP/2's library bounds a header block itself: an endless run of
+        CONTINUATION frames is cut off after about a MiB."""
+        alpn = layer.context.client.alpn
+        if alpn != b"h2" and not is_h3_alpn(alpn):
+            refused = functools.partial(self.addon.log_head_too_large, limit=HEAD_LIMIT)
+            layer.connections[layer.context.client] = BoundedHttp1Server(layer.context.fork(), refused)
 
 
 class _Replay:
@@ -250,8 +289,9 @@ class _Replay:
 class Mitmproxy:
     """mitmproxy's side of the front door: a connection from its first byte, or the content of a tunnel."""
 
-    def __init__(self, instance: ServerInstance):
+    def __init__(self, instance: ServerInstance, bounds: Bounds):
         self.instance = instance  # the regular-mode server instance, never started: the front door listens
+        self.bounds = bounds
         self._contexts: dict[str, ssl.SSLContext] = {}
 
     def tls_context(self, host: str) -> ssl.SSLContext:
@@ -290,6 +330,7 @@ class Mitmproxy:
         context.server.address, context.server.sni = (host, port), host
         handler.layer = layers.ServerTLSLayer(context)
         handler.layer.child_layer = layers.HttpLayer(context, HTTPMode.transparent)
+        self.bounds.bound(handler.layer.child_layer)
         await self._serve(handler, opened)
 
     async def handle_stream(self, reader: Any, writer: asyncio.StreamWriter) -> None:

@@ -674,6 +674,42 @@ def test_an_agent_that_breaks_its_tls_is_closed_at_once_with_one_line_per_reques
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("how", ["plain", "front door TLS", "mitmproxy TLS"])
+def test_a_request_head_that_never_ends_is_refused_with_431_and_a_line(world, how):
+    """Found on mitmproxy: it reads a request head until its blank line, however long, so one header that
+    never ended grew the bundle's memory as fast as the agent could send (300 MiB for 300 MiB)."""
+    from bottle.bundle.front import HEAD_LIMIT
+
+    before = len(world["audit"])
+    if how == "plain":
+        sock = socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10)
+        sock.sendall(f"GET http://upstream.test:{world['plain']}/echo HTTP/1.1\r\n".encode())
+    else:
+        raw = tunnel(world, "upstream.test", world["tls"], sni=False)
+        context = ssl.create_default_context(cafile=str(world["client_ca"]))
+        context.check_hostname = how == "front door TLS"
+        sock = context.wrap_socket(raw, server_hostname="upstream.test" if how == "front door TLS" else None)
+        sock.sendall(b"GET /echo HTTP/1.1\r\n")
+    sent, answer = 0, b""
+    with sock:
+        try:
+            while sent < 64 * 2**20:
+                sock.sendall(b"X-Long: " + b"a" * 4096 + b"\r\n")
+                sent += 4106
+        except OSError:
+            pass  # closed by the bundle
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    assert sent < 16 * 2**20 and answer.startswith(b"HTTP/1.1 431 ")
+    assert f"a request head over {HEAD_LIMIT} bytes".encode() in answer
+    line = audit_since(world, before, 1 if how == "plain" else 2, settle=0.2)[-1]
+    assert (line["method"], line["decision"], line["rule"], line["status"]) == ("HTTP", "deny", "head too large", 431)
+    assert line["host"] == (None if how == "plain" else "upstream.test")
+
+
 def _tls12_record_forger(world, keylog):
     """An intercepted tunnel to upstream.test whose TLS 1.2 the test completes by hand, and a function that makes
     the agent's next encrypted record of a given type from plaintext (keys from the client's key log): the
