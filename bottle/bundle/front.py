@@ -34,10 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import ctx, http
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, layers
+from mitmproxy.proxy import commands, events, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layer import CommandGenerator
-from mitmproxy.proxy.layers.http import HTTPMode, Http1Server, is_h3_alpn
+from mitmproxy.proxy.layers.http import HTTPMode, Http1Server, ReceiveHttp, RequestProtocolError, is_h3_alpn
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler, ServerInstance
 from mitmproxy.tls import ClientHello
@@ -227,50 +227,70 @@ class ClosingClientTLSLayer(layers.ClientTLSLayer):
 
 
 class BoundedHttp1Server(Http1Server):
-    """mitmproxy's HTTP/1 server side, refusing a request head over HEAD_LIMIT bytes with a 431 (and an audit
-    line, from `refused`). mitmproxy reads a head until its blank line, however long: an agent could fill the
-    bundle's memory with one header that never ends."""
+    """mitmproxy's HTTP/1 server side, holding at most HEAD_LIMIT bytes it cannot parse yet. mitmproxy holds
+    what the agent sends until it parses: a head until its blank line, a chunk-size or trailer line until its
+    end, anything sent while an answer is awaited, however long; an agent could fill the bundle's memory with
+    any of them. A head that goes over is refused with a 431 and an audit line (from `refused`); anything else
+    closes the connection, and the request in flight gets its error line."""
 
     def __init__(self, context: Context, refused: Callable[[str], None]):
         super().__init__(context)
         self._refused = refused
 
-    def read_headers(self, event: Any) -> CommandGenerator[None]:
-        yield from super().read_headers(event)
-        if self.state == self.read_headers and len(self.buf) > HEAD_LIMIT:  # still no whole head
+    def _handle_event(self, event: Any) -> CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        if len(self.buf) <= HEAD_LIMIT or self.state == self.done:
+            return
+        if self.state == self.read_headers:  # still no whole head
             self._refused(self.conn.id)
             answer = http.Response.make(431, f"bottle: refused: a request head over {HEAD_LIMIT} bytes\n",
                                         {"content-type": "text/plain; charset=utf-8", "connection": "close"})
             yield commands.SendData(self.conn, http1.assemble_response(answer))
             yield commands.CloseConnection(self.conn)
-            self.state = self.done
+        else:  # as mitmproxy ends a request whose body does not parse: its flow fails, and is logged so
+            yield commands.CloseConnection(self.conn)
+            if self.stream_id is not None:
+                reason = f"the agent sent over {HEAD_LIMIT} bytes that could not be parsed yet"
+                yield ReceiveHttp(RequestProtocolError(self.stream_id, reason))
+        self.state = self.done
+
+
+class BoundedHttpLayer(layers.HttpLayer):
+    """mitmproxy's HttpLayer, with a BoundedHttp1Server for the agent wherever it makes an Http1Server (it
+    takes one that is there when it starts, when the agent's ALPN is known). HTTP/2's library bounds what it
+    holds of a header block itself (a few MiB a connection, however many CONTINUATION frames)."""
+
+    refused: Callable[[str], None]
+
+    def _handle_event(self, event: Any) -> CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            alpn = self.context.client.alpn
+            if alpn != b"h2" and not is_h3_alpn(alpn):
+                self.connections[self.context.client] = BoundedHttp1Server(self.context.fork(), self.refused)
+        yield from super()._handle_event(event)
 
 
 class Bounds:
     """A mitmproxy addon, after its NextLayer, for the bounds its layers lack against a hostile agent: the
-    agent's TLS layers it picks close at their first unreadable record (ClosingClientTLSLayer), and its HTTP/1
-    layers read a request head of HEAD_LIMIT bytes at most (BoundedHttp1Server)."""
+    agent's TLS layers it picks close at their first unreadable record (ClosingClientTLSLayer), and its HTTP
+    layers hold at most HEAD_LIMIT bytes they cannot parse yet (BoundedHttpLayer)."""
 
     def __init__(self, addon: BottlePolicy):
-        self.addon = addon
+        self.refused = functools.partial(addon.log_head_too_large, limit=HEAD_LIMIT)
 
     def next_layer(self, nextlayer: Any) -> None:
-        layer = nextlayer.layer
-        if isinstance(layer, layers.ServerTLSLayer):
-            layer = layer.child_layer
-        if type(layer) is layers.ClientTLSLayer:
-            layer.__class__ = ClosingClientTLSLayer  # the same layer, already in its context's stack
-        elif isinstance(layer, layers.HttpLayer):
-            self.bound(layer)
+        layer = nextlayer.layer  # a layer, or a short stack: TLS both ways, or TLS with HTTP (an HTTPS proxy)
+        while layer is not None:
+            if type(layer) is layers.ClientTLSLayer:
+                layer.__class__ = ClosingClientTLSLayer  # the same layer, already in its context's stack
+            elif type(layer) is layers.HttpLayer:
+                self.bound(layer)
+                return
+            layer = getattr(layer, "child_layer", None)
 
     def bound(self, layer: layers.HttpLayer) -> None:
-        """Give `layer` a BoundedHttp1Server for the agent where it would make an Http1Server (HttpLayer takes a
-        connection already there). HTTP/2's library bounds a header block itself: an endless run of
-        CONTINUATION frames is cut off after about a MiB."""
-        alpn = layer.context.client.alpn
-        if alpn != b"h2" and not is_h3_alpn(alpn):
-            refused = functools.partial(self.addon.log_head_too_large, limit=HEAD_LIMIT)
-            layer.connections[layer.context.client] = BoundedHttp1Server(layer.context.fork(), refused)
+        layer.__class__ = BoundedHttpLayer
+        layer.refused = self.refused
 
 
 class _Replay:

@@ -710,6 +710,34 @@ def test_a_request_head_that_never_ends_is_refused_with_431_and_a_line(world, ho
     assert line["host"] == (None if how == "plain" else "upstream.test")
 
 
+@pytest.mark.parametrize("what", ["chunk line", "while waiting"])
+def test_whatever_the_http_layer_holds_unparsed_is_bounded_and_the_request_has_its_line(world, what):
+    """Found by a red team: mitmproxy also held without end a chunk-size line that never ended, and whatever
+    the agent sent while its answer was awaited. The connection is closed; the request has its error line."""
+    before = len(world["audit"])
+    with socket.socket() as silent:  # an upstream that takes the connection and never answers
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind((world["gateway"], world["closed"]))
+        silent.listen()
+        port = world["plain"] if what == "chunk line" else world["closed"]
+        with socket.create_connection(("127.0.0.1", world["proxy"]), timeout=10) as sock:
+            if what == "chunk line":
+                sock.sendall(f"POST http://upstream.test:{port}/echo HTTP/1.1\r\nHost: upstream.test:{port}\r\n"
+                             "Transfer-Encoding: chunked\r\n\r\n1;x=".encode())  # fmt: skip
+            else:
+                sock.sendall(f"GET http://upstream.test:{port}/ HTTP/1.1\r\nHost: upstream.test:{port}\r\n\r\n"
+                             .encode())  # fmt: skip
+                time.sleep(0.3)
+            sent = 0
+            with pytest.raises(OSError):  # closed by the bundle
+                while sent < 64 * 2**20:
+                    sock.sendall(b"a" * 2**16)
+                    sent += 2**16
+            assert sent < 16 * 2**20  # what the kernel's buffers took before the reset came back
+        lines = audit_since(world, before, 1, settle=0.3)
+    assert [(e["method"], e["decision"]) for e in lines] == [("POST" if what == "chunk line" else "GET", "error")]
+
+
 def _tls12_record_forger(world, keylog):
     """An intercepted tunnel to upstream.test whose TLS 1.2 the test completes by hand, and a function that makes
     the agent's next encrypted record of a given type from plaintext (keys from the client's key log): the
