@@ -362,7 +362,6 @@ class Mitmproxy:
         layers (those a CONNECT tunnel gets inside it); `opened` is told the connection's id first."""
         handler = ProxyConnectionHandler(ctx.master, reader, writer, ctx.options, self.instance.mode)
         handler.layer = layers.modes.TransparentProxy(handler.layer.context)
-        client = handler.layer.context.client
         handler.layer.context.server.address = (host, port)
         await self._serve(handler, opened)
 
