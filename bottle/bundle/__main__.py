@@ -158,10 +158,11 @@ def dispatch_once(master: Any) -> None:
         found = handling.get(event.name)
         if found is None:
             found = handling[event.name] = [a for addon in addons.chain for a, _ in addons._iter_hooks(addon, event)]
+        args = event.args() if found else []  # built from the event's dataclass fields: once, not per addon
         for addon in found:
             try:
                 with addonmanager.safecall():
-                    result = getattr(addon, event.name)(*event.args())
+                    result = getattr(addon, event.name)(*args)
                     if result is not None and inspect.isawaitable(result):
                         await result
             except exceptions.AddonHalt:
